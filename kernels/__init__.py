@@ -1,0 +1,1 @@
+"""Kernels: the numpy reference (the specification) and the Triton GPU kernels."""

@@ -1,0 +1,1 @@
+"""Triton GPU kernels (imported only by the triton backend)."""

@@ -1,0 +1,48 @@
+"""What the sampler hands a backend for one call: everything normalised, already on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from .params import SamplingParam
+
+
+@dataclass
+class Step:
+    """One sampler call, in the backend's own tensors.
+
+    ``params`` maps each name of :data:`sampling.params.ARRAY_FIELDS` to a [B] tensor on the
+    logits' device; ``host`` is the same parameters as numpy (for flags such as
+    ``host.any("top_p")``, decided without reading device memory).
+
+    Penalty inputs: ``rep_ids`` [B, R] are the ids the repetition penalty sees; ``out_ids`` [B, O]
+    those the frequency / presence penalties count, each entry counting ``out_counts`` times
+    (1 when None). Ids outside [0, V) are padding. ``positions`` [B] is the stream position;
+    when None it is the (weighted) number of valid ``out_ids``.
+    """
+
+    logits: Any
+    params: Dict[str, Any]
+    host: SamplingParam
+    rep_ids: Optional[Any] = None
+    out_ids: Optional[Any] = None
+    out_counts: Optional[Any] = None
+    positions: Optional[Any] = None
+    #: The sampler's own seed and call counter, for rows without a seed.
+    sampler_seed: int = 0
+    call: int = 0
+    logprobs_mode: str = "sampling"
+    num_logprobs: int = 0
+    #: True: raise on invalid rows (a device sync on GPUs). False: flag them (token -1, NaN logprob).
+    raise_invalid: bool = True
+    #: Per-sampler, per-backend scratch (device counters, workspaces) that persists across calls.
+    state: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def vocab(self) -> int:
+        return int(self.logits.shape[1])
