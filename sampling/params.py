@@ -236,11 +236,12 @@ class SamplingParam:
             return bool((a["top_k"] > 0).any())
         return bool((a[name] != OFF[name]).any())
 
-    def take(self, rows: np.ndarray) -> "SamplingParam":
-        """The parameters of the given rows, in that order (host arrays; re-converted on use)."""
+    def take(self, rows, convert: bool = True) -> "SamplingParam":
+        """The parameters of the given rows, in that order (converted with ``to_tensor`` if
+        ``convert`` and one was given; otherwise host arrays, converted on use)."""
         rows = np.asarray(rows)
         arrays = {k: v[rows] for k, v in self.arrays.items()}
-        tensors = {k: self.to_tensor(v) for k, v in arrays.items()} if self.to_tensor is not None else {}
+        tensors = {k: self.to_tensor(v) for k, v in arrays.items()} if convert and self.to_tensor is not None else {}
         return SamplingParam(rows=len(rows), arrays=arrays, given=self.given, to_tensor=self.to_tensor, tensors=tensors)
 
     @staticmethod

@@ -6,6 +6,7 @@ import logging
 import secrets
 from typing import Any, Optional
 
+from .cache import RequestCache
 from .data import SamplingData
 from .errors import SamplingInputError
 from .params import SamplingParam
@@ -101,8 +102,6 @@ class Sampler:
         self.check_logits = check_logits
         self.calls = 0
         self._state: dict = {}
-        from .cache import RequestCache
-
         self.cache = RequestCache(max_cached_requests)
 
     def __call__(self, logits, data: Optional[SamplingData] = None, param: Optional[SamplingParam] = None) -> SampleOutput:
@@ -153,7 +152,11 @@ class Sampler:
             raise_invalid=be.default_raise_invalid(logits) if self.check_logits is None else self.check_logits,
             state=self._state.setdefault(be.name, {}),
         )
-        logprobs, tokens, top_ids, top_lp = be.run(step)
+        try:
+            logprobs, tokens, top_ids, top_lp = be.run(step)
+        except Exception:
+            self.cache.discard(history)
+            raise
         self.calls += 1
         self.cache.record(history, tokens)
         return SampleOutput(logprobs, tokens, top_ids, top_lp)
