@@ -66,7 +66,9 @@ def penalize(z: np.ndarray, params, rep_ids=None, out_ids=None, out_counts=None)
 
 def scale(z: np.ndarray, params) -> np.ndarray:
     """Temperature: z / T in float32 (greedy rows carry T = 1)."""
-    return (z / params["temperature"][:, None]).astype(np.float32)
+    # Overflow to +inf is defined behaviour: the row is then invalid (see check_rows).
+    with np.errstate(over="ignore"):
+        return (z / params["temperature"][:, None]).astype(np.float32)
 
 
 def invalid_rows(zt: np.ndarray) -> np.ndarray:
