@@ -137,17 +137,65 @@ def _call_counter(step: Step) -> torch.Tensor:
     return current
 
 
-def gumbel(step: Step, keys: torch.Tensor) -> torch.Tensor:
-    """[B, V] float64 Gumbel noise from the stream (the token part of the hash is cached per V)."""
+def _int32_words(x: torch.Tensor) -> torch.Tensor:
+    """32-bit words held in int64 as int32 with the same bits (two's complement)."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def _token_words(step: Step) -> torch.Tensor:
+    """``t * GOLDEN mod 2**32`` for every token id (int32 bits), cached per V and device."""
     key = ("token_words", step.vocab, str(step.logits.device))
     words = step.state.get(key)
     if words is None:
         t = torch.arange(step.vocab, dtype=torch.int64, device=step.logits.device)
-        words = (t * stream.GOLDEN) & stream.MASK32
+        words = _int32_words((t * stream.GOLDEN) & stream.MASK32)
         step.state[key] = words
-    bits = stream.mix32(keys[:, None] ^ words[None, :])
-    u = ((bits >> 9) * 2 + 1).to(torch.float64) * stream.U_SCALE
-    return -torch.log(-torch.log(u))
+    return words
+
+
+def gumbel(keys: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """float64 Gumbel noise of :mod:`sampling.stream` for ``keys`` [B, 1] (int64 words) and
+    token ``words`` (int32 bits from :func:`_token_words`).
+
+    ``stream.mix32`` in int32: products wrap modulo 2**32 like uint32 ones (the low 32 bits of a
+    product do not depend on signedness) and each arithmetic shift is masked to a logical one.
+    int32 multiplies vectorise on CPUs where int64 ones do not, which makes this 3x faster; the
+    bits are tested equal to the int64 definition.
+    """
+    x = _int32_words(keys) ^ words
+    tmp = torch.empty_like(x)
+    for shift, mul in ((16, stream.MUL1), (15, stream.MUL2)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        x.bitwise_xor_(tmp.bitwise_and_(0xFFFFFFFF >> shift)).mul_(mul)
+    torch.bitwise_right_shift(x, 15, out=tmp)
+    x.bitwise_xor_(tmp.bitwise_and_(0xFFFFFFFF >> 15))
+    x.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF)
+    u = x.to(torch.float64).mul_(2).add_(1).mul_(stream.U_SCALE)
+    return u.log_().neg_().log_().neg_()
+
+
+def choose(zt: torch.Tensor, keep: torch.Tensor, keys: torch.Tensor, step: Step) -> torch.Tensor:
+    """Gumbel-max over survivors (lowest id on ties).
+
+    On the CPU, when every row's survivors lie inside its top-k window, only that window is
+    hashed: the check reads the device, which is free there and a sync on a GPU.
+    """
+    host = step.host.arrays
+    k_host = np.where((host["top_k"] > 0) & (host["top_k"] < step.vocab), host["top_k"], 0)
+    window = int(k_host.max())
+    if zt.device.type == "cpu" and (k_host[~host["greedy"]] > 0).all() and 0 < window * 8 < step.vocab:
+        vals, idx = torch.topk(zt, window, dim=1, sorted=True)
+        inside = keep.gather(1, idx)
+        if bool((inside.sum(1) == keep.sum(1)).all()):
+            noise = gumbel(keys[:, None], _token_words(step)[idx])
+            scores = torch.where(inside, vals.to(torch.float64) + noise, torch.full_like(noise, -torch.inf))
+            # topk orders ties arbitrarily: among equal scores take the lowest token id.
+            best = scores.max(dim=1, keepdim=True).values
+            ids = torch.where(scores == best, idx, torch.full_like(idx, step.vocab))
+            return ids.min(dim=1).values
+    noise = gumbel(keys[:, None], _token_words(step)[None, :])
+    scores = torch.where(keep, zt.to(torch.float64) + noise, torch.full_like(noise, -torch.inf))
+    return torch.argmax(scores, dim=1)
 
 
 def invalid_rows(zt: torch.Tensor) -> torch.Tensor:
@@ -239,9 +287,8 @@ def run_pipeline(step: Step):
             ratio = torch.exp(zt64 - zt64.max(dim=1, keepdim=True).values)
             keep &= ratio >= P["min_p"].to(torch.float64)[:, None]
         keep |= greedy[:, None]
-        noise = gumbel(step, row_keys(step, positions(step), calls))
-        scores = torch.where(keep, zt.to(torch.float64) + noise, torch.full_like(noise, -torch.inf))
-        tokens = torch.where(greedy, tokens, torch.argmax(scores, dim=1))
+        sampled = choose(zt, keep, row_keys(step, positions(step), calls), step)
+        tokens = torch.where(greedy, tokens, sampled)
     source = x if step.logprobs_mode == "raw" else zt
     lp = log_softmax(source.to(torch.float64), keep if step.logprobs_mode == "sampling" else None)
     logprobs = lp.gather(1, tokens.clamp(min=0)[:, None])[:, 0].to(torch.float32)
