@@ -6,6 +6,7 @@ import logging
 import secrets
 from typing import Any, Optional
 
+from .backends import detect as detect_backend, load as load_backend
 from .cache import RequestCache
 from .data import SamplingData
 from .errors import SamplingInputError
@@ -83,10 +84,8 @@ class Sampler:
         check_logits: Optional[bool] = None,
         max_cached_requests: Optional[int] = None,
     ):
-        from sampling import backends
-
         if backend != "auto":
-            backends.load(backend)  # fail early, with the extra to install
+            load_backend(backend)  # fail early, with the extra to install
         if logprobs_mode not in LOGPROBS_MODES:
             raise SamplingInputError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
         if not isinstance(num_logprobs, int) or num_logprobs < 0:
@@ -106,9 +105,7 @@ class Sampler:
 
     def __call__(self, logits, data: Optional[SamplingData] = None, param: Optional[SamplingParam] = None) -> SampleOutput:
         """Sample one token per row. Returns ``(logprobs, next_tokens)`` (a :class:`SampleOutput`)."""
-        from sampling import backends
-
-        be = backends.load(backends.detect(logits) if self.backend == "auto" else self.backend)
+        be = load_backend(detect_backend(logits) if self.backend == "auto" else self.backend)
         if not be.owns(logits):
             raise SamplingInputError(f"the {be.name} backend cannot take logits of type {type(logits).__name__}")
         shape = tuple(logits.shape)
