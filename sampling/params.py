@@ -58,7 +58,7 @@ def _float_field(name: str, value: Any, rows: Optional[int]) -> np.ndarray:
 def _check(name: str, values: np.ndarray, ok: np.ndarray, rule: str) -> None:
     if not ok.all():
         row = first_bad_row(~ok)
-        raise SamplingInputError(f"{name}[{row}] = {values[row]!r} is invalid: {rule}")
+        raise SamplingInputError(f"{name}[{row}] = {values[row].item()!r} is invalid: {rule}")
 
 
 def _int_field(name: str, value: Any, rows: Optional[int]) -> np.ndarray:
