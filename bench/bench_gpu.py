@@ -1,0 +1,454 @@
+"""GPU benchmark: the Triton backend side by side with FlashInfer, torch and a one-read floor.
+
+One command, one process::
+
+    python bench/bench_gpu.py --out bench/results            # full grid (priority order)
+    python bench/bench_gpu.py --out DIR --budget-s 300       # stop after ~300 s, list what was skipped
+
+Writes ``gpu_bench.json`` (one record per measurement, each with GPU, versions, commit and
+date), ``gpu_bench.md`` (the table) and ``gpu_bench.png`` (plotting imports matplotlib lazily,
+after all timing is done). Times are medians of CUDA-graph replays; each graph runs the
+operation over a rotation of input buffers totalling several times the 50 MB L2, so every call
+reads its logits from HBM.
+
+Scenarios (k = 50, p = 0.9, T = 0.7 given as per-row arrays):
+S1 plain sampling + logprob; S2 top-k + top-p + sample + logprob; S3 penalties (1024-token
+prompt + 512 output ids per row: repetition 1.1, frequency 0.2, presence 0.3) + temperature +
+top-k + top-p + min-p 0.05 + logprob, from raw history ids; S4 greedy with the same penalties.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+L2_BYTES = 50 * 2**20
+SCENARIOS = ("S1", "S2", "S3", "S4")
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _commit() -> str:
+    if os.environ.get("SAMPLING_COMMIT"):
+        return os.environ["SAMPLING_COMMIT"]
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _flashinfer():
+    """flashinfer.sampling, or None. Falls back to loading the subpackage without the top-level
+    __init__ (which imports many optional dependencies unrelated to sampling)."""
+    try:
+        import flashinfer.sampling as fs
+
+        return fs
+    except Exception as first:
+        import importlib.util
+        import types
+
+        for name in [m for m in sys.modules if m == "flashinfer" or m.startswith("flashinfer.")]:
+            del sys.modules[name]
+        spec = importlib.util.find_spec("flashinfer")
+        if spec is None:
+            print(f"flashinfer unavailable: {first!r}")
+            return None
+        pkg = types.ModuleType("flashinfer")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["flashinfer"] = pkg
+        try:
+            import flashinfer.sampling as fs
+
+            return fs
+        except Exception as second:
+            print(f"flashinfer unavailable: {first!r} / {second!r}")
+            return None
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_graph(torch, fn, nbuf, min_calls=20, repeats=15):
+    """Median microseconds per call of ``fn(i)`` replayed from a CUDA graph over ``nbuf`` buffers."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        t0 = time.perf_counter()
+        for i in range(nbuf):
+            fn(i)
+        torch.cuda.synchronize()
+        warm = (time.perf_counter() - t0) / nbuf
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    if warm > 2e-3:  # slow baselines: fewer calls, so the device budget goes to the fast rows
+        min_calls, repeats = nbuf, 5
+    inner = max(1, math.ceil(min_calls / nbuf))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            for i in range(nbuf):
+                fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / (inner * nbuf))
+    del graph
+    return statistics.median(times), "graph"
+
+
+def time_eager(torch, fn, nbuf, repeats=15):
+    for i in range(nbuf):
+        fn(i)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        for i in range(nbuf):
+            fn(i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / nbuf)
+    return statistics.median(times), "eager"
+
+
+def measure(torch, fn, nbuf):
+    try:
+        return time_graph(torch, fn, nbuf)
+    except Exception as e:  # some third-party paths cannot be captured
+        torch.cuda.synchronize()
+        print(f"    graph capture failed ({type(e).__name__}: {str(e)[:120]}); timing eagerly")
+        return time_eager(torch, fn, nbuf)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def sort_pipeline(torch, x, T, k, p, mp=None, rep=None, out=None, pen=None, greedy=False):
+    """The common engine fallback: dense penalties, sort, masks, softmax, exponential race."""
+    z = x.float()
+    if rep is not None:
+        rows, vocab = z.shape
+        seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=z.device)
+        seen.scatter_(1, rep.clamp(0, vocab), True)
+        seen = seen[:, :vocab]
+        r, f, pr = pen
+        z = torch.where(seen, torch.where(z > 0, z / r[:, None], z * r[:, None]), z)
+        cnt = torch.zeros(rows, vocab + 1, dtype=torch.int32, device=z.device)
+        cnt.scatter_add_(1, out.clamp(0, vocab), torch.ones_like(out, dtype=torch.int32))
+        cnt = cnt[:, :vocab]
+        z = z - f[:, None] * cnt - pr[:, None] * (cnt > 0)
+    if greedy:
+        tok = z.argmax(-1)
+        return z.log_softmax(-1).gather(1, tok[:, None]), tok
+    z = z / T[:, None]
+    if k is not None:
+        zs, idx = z.sort(dim=-1)
+        vocab = z.shape[1]
+        kth = zs.gather(1, (vocab - k).clamp(0, vocab - 1)[:, None])
+        zs = zs.masked_fill(zs < kth, float("-inf"))
+        cum = zs.softmax(-1).cumsum(-1)
+        drop = cum <= (1 - p)[:, None]
+        drop[:, -1] = False
+        zs = zs.masked_fill(drop, float("-inf"))
+        z = torch.empty_like(zs).scatter_(1, idx, zs)
+        if mp is not None:
+            probs = z.softmax(-1)
+            z = z.masked_fill(probs < mp[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
+    probs = z.softmax(-1)
+    q = torch.empty_like(probs).exponential_()
+    tok = (probs / q).argmax(-1)
+    return z.log_softmax(-1).gather(1, tok[:, None]), tok
+
+
+# ----------------------------------------------------------------------------- main grid
+
+
+def run(args):
+    import torch
+    import triton
+
+    from sampling import Sampler, SamplingData, SamplingParam
+    from sampling import backends
+
+    fs = None if args.no_flashinfer else _flashinfer()
+    meta = dict(
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        flashinfer=getattr(sys.modules.get("flashinfer"), "__version__", None) if fs else None,
+        commit=_commit(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    if fs is not None:
+        try:
+            import importlib.metadata as im
+
+            meta["flashinfer"] = im.version("flashinfer-python")
+        except Exception:
+            pass
+    print(json.dumps(meta))
+    if fs is not None:
+        # Build FlashInfer's JIT modules first, so a time budget never cuts them off mid-build.
+        for dt in args.dtypes:
+            xw = torch.randn(4, 151936, device="cuda").to(getattr(torch, dt))
+            sd = torch.tensor([1], dtype=torch.int64, device="cuda")
+            for name, call in (
+                ("sampling_from_logits", lambda: fs.sampling_from_logits(xw, seed=sd, offset=sd)),
+                ("top_k_top_p int k", lambda: fs.top_k_top_p_sampling_from_logits(xw, 50, 0.9, seed=sd, offset=sd)),
+                ("top_k_top_p per-row", lambda: fs.top_k_top_p_sampling_from_logits(
+                    xw, torch.full((4,), 50, dtype=torch.int32, device="cuda"),
+                    torch.full((4,), 0.9, device="cuda"), seed=sd, offset=sd)),
+            ):
+                t0 = time.time()
+                try:
+                    call()
+                    torch.cuda.synchronize()
+                    print(f"flashinfer {name} {dt}: ready in {time.time() - t0:.1f} s")
+                except Exception as e:
+                    print(f"flashinfer {name} {dt} failed: {e!r}")
+    have_torch_backend = "torch" in backends.available()
+    dev = torch.device("cuda")
+    cuda = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+
+    shapes = [(256, 151936), (1, 151936), (1024, 151936), (32, 151936),
+              (256, 128256), (1, 128256), (1024, 128256), (32, 128256)]
+    if args.batches:
+        shapes = [s for s in shapes if s[0] in args.batches]
+    if args.vocabs:
+        shapes = [s for s in shapes if s[1] in args.vocabs]
+    dtypes = args.dtypes
+    order = []
+    for shape in shapes:
+        for dt in dtypes:
+            order.append((shape, dt))
+    records, skipped = [], []
+    t_start = time.time()
+    fi_warm = set()
+    for (rows, vocab), dtname in order:
+        if time.time() - t_start > args.budget_s:
+            skipped.append(f"B={rows} V={vocab} {dtname}")
+            continue
+        dtype = getattr(torch, dtname)
+        item = torch.tensor([], dtype=dtype).element_size()
+        nbytes = rows * vocab * item
+        nbuf = int(min(args.max_buffers, max(2, math.ceil(4 * L2_BYTES / nbytes))))
+        g = torch.Generator(device=dev).manual_seed(rows * 7 + vocab)
+        bufs = [(torch.randn(rows, vocab, device=dev, generator=g) * 3).to(dtype) for _ in range(nbuf)]
+        rng = np.random.default_rng(rows)
+        seeds = rng.integers(0, 2**62, rows)
+        T = np.full(rows, 0.7)
+        Tt = cuda(T.astype(np.float32))
+        kt = cuda(np.full(rows, 50, np.int64))
+        pt = cuda(np.full(rows, 0.9, np.float32))
+        mpt = cuda(np.full(rows, 0.05, np.float32))
+        out_ids = rng.integers(0, vocab, (rows, 512))
+        all_ids = np.concatenate([rng.integers(0, vocab, (rows, 1024)), out_ids], axis=1)
+        data = SamplingData.from_numpy(all_input_ids=all_ids, output_ids=out_ids, to_tensor=cuda)
+        rep_t, out_t = cuda(all_ids), cuda(out_ids)
+        pen_np = dict(repetition_penalty=np.full(rows, 1.1), frequency_penalty=np.full(rows, 0.2),
+                      presence_penalty=np.full(rows, 0.3))
+        pen_t = tuple(cuda(v.astype(np.float32)) for v in pen_np.values())
+        prm = {
+            "S1": SamplingParam.from_numpy(temperature=T, seed=seeds, to_tensor=cuda),
+            "S2": SamplingParam.from_numpy(temperature=T, top_k=np.full(rows, 50), top_p=np.full(rows, 0.9),
+                                           seed=seeds, to_tensor=cuda),
+            "S3": SamplingParam.from_numpy(temperature=T, top_k=np.full(rows, 50), top_p=np.full(rows, 0.9),
+                                           min_p=np.full(rows, 0.05), seed=seeds, to_tensor=cuda, **pen_np),
+            "S4": SamplingParam.from_numpy(temperature=np.zeros(rows), seed=seeds, to_tensor=cuda, **pen_np),
+        }
+        fi_seed = torch.tensor([1234], dtype=torch.int64, device=dev)
+        fi_off = torch.tensor([0], dtype=torch.int64, device=dev)
+        k32 = kt.to(torch.int32)
+
+        def add(scenario, method, us, how, note=""):
+            rec = dict(meta, rows=rows, vocab=vocab, dtype=dtname, scenario=scenario, method=method,
+                       us=round(us, 2), gbps=round(nbytes / us / 1e3, 1), timing=how, buffers=nbuf, note=note)
+            records.append(rec)
+            print(f"  {dtname:8s} B={rows:5d} V={vocab} {scenario} {method:34s} {us:9.1f} us {rec['gbps']:7.0f} GB/s [{how}]")
+
+        floor, how = measure(torch, lambda i: torch.amax(bufs[i], dim=-1), nbuf)
+        for sc in args.scenarios:
+            add(sc, "one read (torch.amax)", floor, how)
+        for sc in args.scenarios:
+            with_data = data if sc in ("S3", "S4") else None
+            ours = Sampler(backend="triton", seed=1)
+            fn = lambda i, s=ours, d=with_data, p=prm[sc]: s(bufs[i], d, p)  # noqa: E731
+            try:
+                us, how = measure(torch, fn, nbuf)
+                tok = ours(bufs[0], with_data, prm[sc])[1]
+                ok = bool(((tok >= 0) & (tok < vocab)).all())
+                add(sc, "ours (triton)", us, how, "" if ok else "INVALID TOKENS")
+            except Exception as e:
+                print(f"    ours failed: {e!r}")
+                add(sc, "ours (triton)", float("nan"), "failed", repr(e)[:200])
+            if (rows, vocab, dtname) == (shapes[0][0], shapes[0][1], dtypes[0]) and sc in ("S1", "S2", "S3"):
+                # kernel variants on the first (priority) shape only
+                from sampling.kernels.triton import launch as tl_launch
+
+                for spec in args.variant:
+                    name, _, kv = spec.partition(":")
+                    changes = {k: int(float(v)) for k, v in (p.split("=") for p in kv.split(",") if p)}
+                    vs = Sampler(backend="triton", seed=1)
+                    try:
+                        with tl_launch.use_config(**changes):
+                            us, how = measure(torch, lambda i, s=vs, d=with_data, p=prm[sc]: s(bufs[i], d, p), nbuf)
+                        add(sc, f"ours [{name}]", us, how, kv)
+                    except Exception as e:
+                        print(f"    variant {name} failed: {e!r}")
+            if have_torch_backend and not args.no_torch_backend and rows in (1, 256):
+                tb = Sampler(backend="torch", seed=1)
+                fn = lambda i, s=tb, d=with_data, p=prm[sc]: s(bufs[i], d, p)  # noqa: E731
+                try:
+                    us, how = measure(torch, fn, nbuf)
+                    add(sc, "torch backend", us, how)
+                except Exception as e:
+                    print(f"    torch backend failed: {e!r}")
+            if sc == "S1":
+                fn = lambda i: sort_pipeline(torch, bufs[i], Tt, None, None)  # noqa: E731
+            elif sc == "S2":
+                fn = lambda i: sort_pipeline(torch, bufs[i], Tt, kt, pt)  # noqa: E731
+            elif sc == "S3":
+                fn = lambda i: sort_pipeline(torch, bufs[i], Tt, kt, pt, mpt, rep_t, out_t, pen_t)  # noqa: E731
+            else:
+                fn = lambda i: sort_pipeline(torch, bufs[i], Tt, None, None, None, rep_t, out_t, pen_t, greedy=True)  # noqa: E731
+            try:
+                us, how = measure(torch, fn, nbuf)
+                add(sc, "torch sort pipeline", us, how)
+            except Exception as e:
+                print(f"    sort pipeline failed: {e!r}")
+            if fs is not None and sc in ("S1", "S2"):
+                if sc == "S1":
+                    cands = {"flashinfer sampling_from_logits":
+                             lambda i: fs.sampling_from_logits(bufs[i], seed=fi_seed, offset=fi_off)}
+                else:
+                    cands = {
+                        "flashinfer top_k_top_p (int k)":
+                            lambda i: fs.top_k_top_p_sampling_from_logits(bufs[i], 50, 0.9, seed=fi_seed, offset=fi_off),
+                        "flashinfer top_k_top_p (per-row)":
+                            lambda i: fs.top_k_top_p_sampling_from_logits(bufs[i], k32, pt, seed=fi_seed, offset=fi_off),
+                    }
+                for name, fn in cands.items():
+                    try:
+                        if name not in fi_warm:
+                            t0 = time.time()
+                            fn(0)
+                            torch.cuda.synchronize()
+                            fi_warm.add(name)
+                            print(f"    {name}: first call (JIT build) {time.time() - t0:.1f} s")
+                        us, how = measure(torch, fn, nbuf)
+                        add(sc, name, us, how)
+                    except Exception as e:
+                        print(f"    {name} failed: {e!r}")
+                        add(sc, name, float("nan"), "failed", repr(e)[:200])
+        bufs.clear()
+        torch.cuda.empty_cache()
+        with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:  # partial results survive a kill
+            json.dump(dict(meta=meta, skipped=skipped, records=records, partial=True), f, indent=1)
+    return records, skipped, meta
+
+
+def table(records, skipped, meta):
+    lines = [
+        f"# GPU benchmark: {meta['gpu']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, flashinfer {meta['flashinfer']}, "
+        f"commit {meta['commit']}, {meta['date']}. CUDA-graph replay medians; inputs rotated over "
+        f">= 4x the L2; `x` = ratio to one read of the logits (torch.amax) in the same run.",
+        "",
+        "| dtype | B | V | scenario | method | us | GB/s | x one read |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    floors = {(r["dtype"], r["rows"], r["vocab"]): r["us"] for r in records if r["method"].startswith("one read")}
+    for r in records:
+        f = floors.get((r["dtype"], r["rows"], r["vocab"]))
+        ratio = r["us"] / f if f else float("nan")
+        r["ratio"] = round(ratio, 3)
+        if r["method"].startswith("one read") and r["scenario"] != records[0]["scenario"]:
+            continue
+        lines.append(f"| {r['dtype']} | {r['rows']} | {r['vocab']} | {r['scenario']} | {r['method']} | "
+                     f"{r['us']:.1f} | {r['gbps']:.0f} | {ratio:.2f} |")
+    if skipped:
+        lines += ["", "Skipped (time budget): " + "; ".join(skipped)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records, path):
+    """Ratio to one read against batch size, one panel per scenario and dtype (V = 151936)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in records})
+    methods = sorted({r["method"] for r in records})
+    color = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(dtypes), 4, figsize=(18, 4.2 * len(dtypes)), squeeze=False)
+    for i, dt in enumerate(dtypes):
+        for j, sc in enumerate(SCENARIOS):
+            ax = axes[i][j]
+            sel = [r for r in records if r["dtype"] == dt and r["scenario"] == sc and r["vocab"] == 151936]
+            for m in sorted({r["method"] for r in sel}):
+                pts = sorted((r["rows"], r.get("ratio", float("nan"))) for r in sel if r["method"] == m)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m, color=color[m])
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{sc} {dt} V=151936")
+            ax.set_xlabel("batch")
+            ax.set_ylabel("time / one read")
+            ax.grid(True, which="both", alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
+    ap.add_argument("--batches", type=int, nargs="*")
+    ap.add_argument("--vocabs", type=int, nargs="*")
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
+    ap.add_argument("--max-buffers", type=int, default=400)
+    ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--no-torch-backend", action="store_true")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:field=value,... extra runs of ours with changed launch.Config fields (first shape)")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    records, skipped, meta = run(args)
+    md = table(records, skipped, meta)
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+        json.dump(dict(meta=meta, skipped=skipped, records=records), f, indent=1)
+    with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
+        f.write(md)
+    try:
+        plot(records, os.path.join(args.out, "gpu_bench.png"))
+    except Exception as e:
+        print(f"plot failed: {e!r}")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

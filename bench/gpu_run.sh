@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The one script run on the GPU machine (through the device tool), from the repository root:
+#   GPU tests at realistic sizes, the same tests once under compute-sanitizer memcheck, and the
+#   benchmark. Logs and results go to $OUT (default: bench/results/run). Short summary last.
+#
+# Environment: STAGES (default "tests sanitizer bench"), BENCH_ARGS (extra bench_gpu.py flags),
+# OUT, and per-stage time limits T_TESTS / T_SAN / T_BENCH (seconds). Wheels in .whl/ (flashinfer-python, apache-tvm-ffi) are installed to /tmp/site first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/run}
+STAGES=${STAGES:-"tests sanitizer bench"}
+mkdir -p "$OUT"
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a
+export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-$PWD/.fiws}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# (at most 8 files come back from $OUT: keep logs few)
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
+# A carried FlashInfer JIT cache must look newer than the freshly installed sources, or ninja rebuilds it.
+[ -d "$FLASHINFER_WORKSPACE_BASE" ] && find "$FLASHINFER_WORKSPACE_BASE" -type f -exec touch {} +
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+summary=()
+if [[ " $STAGES " == *" tests "* ]]; then
+  t0=$SECONDS
+  timeout "${T_TESTS:-300}" python3 -m pytest tests/test_triton_gpu.py -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/tests.log"
+  summary+=("tests: $(tail -n 1 "$OUT/tests.log") ($((SECONDS - t0)) s)")
+fi
+if [[ " $STAGES " == *" sanitizer "* ]]; then
+  t0=$SECONDS
+  # No caching allocator: each tensor is its own allocation, so memcheck sees every overrun.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 SAMPLING_GPU_SMALL=1 timeout "${T_SAN:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    --target-processes application-only python3 -m pytest tests/test_triton_gpu.py -q -p no:cacheprovider -rfE \
+    >"$OUT/sanitizer.log" 2>&1
+  rc=$?
+  tail -n 25 "$OUT/sanitizer.log"
+  summary+=("sanitizer (memcheck) rc=$rc: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer.log" | tail -n 2 | tr '\n' ' ') ($((SECONDS - t0)) s)")
+fi
+if [[ " $STAGES " == *" bench "* ]]; then
+  t0=$SECONDS
+  timeout "${T_BENCH:-400}" python3 bench/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^|"
+  summary+=("bench: $((SECONDS - t0)) s")
+  if [ -d "$FLASHINFER_WORKSPACE_BASE/.cache" ]; then
+    tar -C "$FLASHINFER_WORKSPACE_BASE" -czf "$OUT/fiws.tgz" .cache 2>/dev/null || true
+  fi
+fi
+echo "================ summary ================"
+printf '%s\n' "${summary[@]}"
+[ -f "$OUT/gpu_bench.md" ] && grep -E "^\| (float32|bfloat16) \| (1|256|1024) \| 151936 \| S[1-4] \| (one read|ours|flashinfer top_k_top_p \(int|flashinfer sampling)" "$OUT/gpu_bench.md"
+exit 0

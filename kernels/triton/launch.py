@@ -1,0 +1,310 @@
+"""Host side of the Triton pipeline: flags, workspaces, grids and the launch sequence.
+
+Everything here reads host-side flags (``step.host``) and tensor shapes only; nothing reads
+device memory, so a whole call can be captured in a CUDA graph (unless ``raise_invalid`` asks
+for the one synchronising check).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Optional
+
+import torch
+import triton
+
+from sampling.errors import InvalidLogitsError, SamplingInputError
+
+from . import pipeline as K
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tuning knobs (sizes of tiles and buffers). Correctness never depends on them."""
+
+    #: Elements per scan program per loop step (the scan runs one warp per program, so its
+    #: per-tile reductions are shuffles without block barriers).
+    tile: int = 256
+    scan_warps: int = 1
+    #: Tile and warps of the other full-row kernels (gather, top-n keys).
+    gather_tile: int = 1024
+    gather_warps: int = 4
+    #: Lane maxima each chunk publishes for the cross-chunk top-k bound.
+    q: int = 8
+    #: Candidate slots per row; more candidates send the row to the fallback kernel.
+    cap: int = 1024
+    #: Persistent scan programs per SM (the scan grid is SMs x this, or the work items).
+    programs_per_sm: int = 16
+    #: Unfused mode: a chunk spans >= min_chunk_tiles tiles.
+    min_chunk_tiles: int = 4
+    #: Fused mode (logits larger than fused_min_bytes): the scan re-sweeps each chunk right
+    #: after its first sweep, from the L2, instead of a gather kernel re-reading the row. Off
+    #: by default: measured slower than the unfused path at B = 256 (bench/NOTES.md, v3), with
+    #: fixed 64-tile chunks (a partial second wave); chunks now follow the unfused one-wave
+    #: rule, capped at fused_tiles tiles, which is not yet measured.
+    fused_tiles: int = 1 << 20
+    fused_min_bytes: int = 1 << 62
+    #: Tile of the exact fallback (16 digit bins per element: keep it modest).
+    fallback_tile: int = 256
+    num_warps: int = 8
+    finish_warps: int = 4
+
+
+GPU_CONFIG = Config()
+#: Small shapes under TRITON_INTERPRET=1, so that CPU tests visit every code path.
+INTERPRET_CONFIG = Config(tile=32, scan_warps=1, gather_tile=32, gather_warps=1, q=4, cap=64, programs_per_sm=2,
+                          min_chunk_tiles=1, fused_tiles=2, fused_min_bytes=1 << 60, fallback_tile=32, num_warps=4)
+
+_override: Optional[Config] = None
+#: Tests set this to a dict to receive a copy of each row's status after the call
+#: (0 finished by the plain pass or the candidate path, 1 invalid, 2 finished by the fallback).
+DEBUG: Optional[dict] = None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def config() -> Config:
+    if _override is not None:
+        return _override
+    return INTERPRET_CONFIG if interpreting() else GPU_CONFIG
+
+
+@contextmanager
+def use_config(**changes):
+    """Temporarily change :class:`Config` fields (tests use it to force code paths)."""
+    global _override
+    old = _override
+    _override = replace(config(), **changes)
+    try:
+        yield _override
+    finally:
+        _override = old
+
+
+def _p2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _chunking(rows: int, vocab: int, cfg: Config, nprog: int):
+    # At most one wave of work items when rows fit (no partial second wave), else whole rows.
+    tiles = triton.cdiv(vocab, cfg.tile)
+    chunks = max(1, min(nprog // rows, tiles // cfg.min_chunk_tiles))
+    per = triton.cdiv(tiles, chunks)
+    length = per * cfg.tile
+    return triton.cdiv(vocab, length), length
+
+
+def _sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _workspace(state: Dict[str, Any], device, rows: int, vocab: int, chunks: int, cfg: Config, pen: bool):
+    """Per-shape scratch buffers, kept in the sampler's state so graph replays reuse them."""
+    key = ("ws", device, rows, vocab, chunks, cfg.q, cfg.cap, pen)
+    ws = state.get(key)
+    if ws is None:
+        n = rows * chunks
+        words = triton.cdiv(vocab, 32)
+
+        def e(size, dtype):
+            return torch.empty(size, dtype=dtype, device=device)
+
+        ws = dict(
+            cm=e(n, torch.float32), cs=e(n, torch.float64), crm=e(n, torch.float32), crs=e(n, torch.float64),
+            cflag=e(n, torch.int32), ckey=e(n, torch.float32), cid=e(n, torch.int32),
+            cth=e(n, torch.float32), clist=e(n * cfg.q, torch.float32),
+            theta=e(rows, torch.float32),
+            cval=e(rows * cfg.cap, torch.float32), cidx=e(rows * cfg.cap, torch.int32),
+            rowkey=e(rows, torch.int64), status=e(rows, torch.int32), tau=e(rows, torch.float32),
+            lse=e(rows, torch.float64),
+            bits=e(rows * words if pen else 1, torch.int32), obits=e(rows * words if pen else 1, torch.int32),
+            zpen=e(rows * vocab if pen else 1, torch.float32),
+            # [row-level bound keys | row max keys | candidate counters], reset before a fused scan
+            glob=e(3 * rows, torch.int32),
+        )
+        init = torch.full((3 * rows,), int(K.KEY_NEG_INF), dtype=torch.int32)
+        init[2 * rows :] = 0
+        ws["glob0"] = init.to(device)
+        ws["ncand"] = ws["glob"][2 * rows :]
+        state[key] = ws
+    return ws
+
+
+def _call_counter(state: Dict[str, Any], device, call: int):
+    """A device copy of the sampler's call counter, advanced by the finish kernel.
+
+    Eager calls keep it equal to ``step.call``; inside a CUDA graph ``step.call`` is a constant
+    baked at capture, so unseeded rows read this counter instead and each replay advances it.
+    """
+    key = ("call", device)
+    counter = state.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if counter is None:
+        counter = torch.full((1,), call, dtype=torch.int64, device=device)
+        state[key] = counter
+    elif state.get(("call_next", device)) != call and not capturing:
+        counter.fill_(call)
+    state[("call_next", device)] = call + 1
+    return counter
+
+
+def _ids(t, rows):
+    """(tensor, row stride, length) of an optional [B, L] id / count tensor."""
+    if t is None:
+        return None, 0, 0
+    if t.dim() != 2 or t.shape[0] != rows:
+        raise SamplingInputError(f"history ids must be [B, L] with B = {rows}, got {tuple(t.shape)}")
+    if t.shape[1] > 0 and t.stride(1) != 1:
+        t = t.contiguous()
+    return t, t.stride(0), t.shape[1]
+
+
+def run(step):
+    """The whole pipeline for one :class:`sampling.step.Step` of torch tensors.
+
+    Returns ``(logprobs f32 [B], tokens i64 [B], top_ids i64 [B, n] | None, top_logprobs | None)``.
+    Invalid rows get token -1 and a NaN log-probability unless ``step.raise_invalid``.
+    """
+    cfg = config()
+    x = step.logits
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows, vocab = x.shape
+    dev = x.device
+    host = step.host.arrays
+    prm = step.params
+    greedy = host["greedy"]
+    k = host["top_k"]
+    active_k = (k > 0) & (k < vocab)
+    trunc = ~greedy & (active_k | (host["top_p"] < 1) | (host["min_p"] > 0))
+    any_trunc = bool(trunc.any())
+    any_plain = bool((~trunc).any())
+    any_gumbel = bool((~trunc & ~greedy).any())
+    has_temp = bool((host["temperature"] != 1).any())
+    mode = K.MODES[step.logprobs_mode]
+    rep, rep_stride, R = _ids(step.rep_ids, rows)
+    out, out_stride, O = _ids(step.out_ids, rows)
+    cnt, cnt_stride, _ = _ids(step.out_counts, rows) if out is not None else (None, 0, 0)
+    pen_rep = rep is not None and R > 0 and bool((host["repetition_penalty"] != 1).any())
+    pen_out = out is not None and O > 0 and bool(
+        ((host["frequency_penalty"] != 0) | (host["presence_penalty"] != 0)).any()
+    )
+    pen = pen_rep or pen_out
+    need_s = mode == 1 or any_plain
+    need_raw = mode == 2
+
+    fast = dev.type == "cuda" and bool(
+        ((host["temperature"] >= 2.0**-20) & (host["temperature"] <= 2.0**20)).all()
+    )
+    fused = any_trunc and rows * vocab * x.element_size() >= cfg.fused_min_bytes
+    nprog = cfg.programs_per_sm * _sms(dev)
+    chunks, chunk_len = _chunking(rows, vocab, cfg, nprog)
+    if fused and chunk_len > cfg.fused_tiles * cfg.tile:
+        chunk_len = cfg.fused_tiles * cfg.tile
+        chunks = triton.cdiv(vocab, chunk_len)
+    nitems = rows * chunks
+    nprog = min(nitems, nprog)
+    ws = _workspace(step.state, dev, rows, vocab, chunks, cfg, pen)
+    if fused:
+        ws["glob"].copy_(ws["glob0"])
+    counter = _call_counter(step.state, dev, step.call)
+    dummy = ws["status"]
+    ctmp = torch.empty(rows * O if pen_out else 1, dtype=torch.int32, device=dev)
+    positions = step.positions
+    seed = int(step.sampler_seed)
+    words = triton.cdiv(vocab, 32)
+    tok = torch.empty(rows, dtype=torch.int64, device=dev)
+    lp = torch.empty(rows, dtype=torch.float32, device=dev)
+    P = prm
+
+    hist = (
+        out if out is not None else dummy, out_stride, O,
+        cnt if cnt is not None else dummy, cnt_stride,
+        positions if positions is not None else dummy,
+    )
+    seeds = (P["has_seed"], P["seed_lo"], P["seed_hi"], seed & 0xFFFFFFFF, seed >> 32, counter)
+    hflags = dict(HAS_OUT=out is not None, HAS_COUNTS=cnt is not None, HAS_POS=positions is not None)
+    if pen:
+        K._prep_kernel[(rows,)](
+            x, x.stride(0), vocab, words,
+            rep if rep is not None else dummy, rep_stride, R,
+            *hist,
+            P["repetition_penalty"], P["frequency_penalty"], P["presence_penalty"],
+            *seeds,
+            ws["bits"], ws["obits"], ws["zpen"], ctmp,
+            ws["rowkey"], ws["ncand"],
+            HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, **hflags,
+            BL=16 if interpreting() else 256, BW=16 if interpreting() else 1024,
+            num_warps=4, enable_fp_fusion=False,
+        )
+    common = (P["temperature"], P["greedy"], P["top_k"], P["top_p"], P["min_p"])
+    K._scan_kernel[(nprog,)](
+        x, x.stride(0), vocab, chunk_len, chunks, rows, nitems,
+        *common, ws["rowkey"],
+        ws["bits"], words, ws["zpen"],
+        ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"], ws["cth"], ws["clist"],
+        *hist, *seeds, ws["ncand"], ws["glob"], ws["cval"], ws["cidx"], cfg.cap,
+        PREP=pen, **hflags,
+        HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
+        NEED_S=need_s, NEED_RAW=need_raw, FUSED=fused, TILE=cfg.tile, Q=cfg.q,
+        FT=_p2(triton.cdiv(chunk_len, cfg.tile)) if fused else 1,
+        num_warps=cfg.scan_warps, enable_fp_fusion=False,
+    )
+    if any_trunc and not fused:
+        K._gather_kernel[(rows, chunks)](
+            x, x.stride(0), vocab, chunk_len, chunks,
+            *common,
+            ws["bits"], words, ws["zpen"],
+            ws["cm"], ws["cflag"], ws["cth"], ws["clist"],
+            ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], cfg.cap,
+            HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, TILE=cfg.gather_tile, Q=cfg.q, CP=_p2(chunks),
+            LP=_p2(chunks * cfg.q), num_warps=cfg.gather_warps, enable_fp_fusion=False,
+        )
+    K._finish_kernel[(rows,)](
+        x, x.stride(0), vocab, chunks,
+        *common, ws["rowkey"],
+        ws["bits"], words, ws["zpen"],
+        ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"], ws["cth"],
+        ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], cfg.cap,
+        tok, lp, ws["status"], ws["tau"], ws["lse"], counter,
+        MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
+        NEED_S=need_s, NEED_RAW=need_raw, FUSED=fused, CP=_p2(chunks), CAPP=_p2(cfg.cap),
+        FB_TILE=cfg.fallback_tile, num_warps=cfg.finish_warps, enable_fp_fusion=False,
+    )
+    if DEBUG is not None:
+        DEBUG["status"] = ws["status"].clone()
+        DEBUG["ncand"] = ws["ncand"].clone()
+    status = ws["status"]
+    if step.raise_invalid:
+        bad = status == K.STATUS_INVALID
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0, 0])
+            raise InvalidLogitsError(
+                f"logits row {row} has NaN or +inf (after penalties and temperature) or no finite value"
+            )
+    top_ids = top_lp = None
+    n = int(step.num_logprobs)
+    if n:
+        keys = torch.empty((rows, vocab), dtype=torch.int64, device=dev)
+        K._topn_keys_kernel[(rows, chunks)](
+            x, x.stride(0), vocab, chunk_len,
+            *common,
+            ws["bits"], words, ws["zpen"], ws["tau"], keys,
+            MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, TILE=cfg.gather_tile,
+            num_warps=cfg.gather_warps, enable_fp_fusion=False,
+        )
+        best = torch.topk(keys, n, dim=1).values
+        ids = 2147483647 - (best & 0xFFFFFFFF)
+        k32 = (best >> 32).to(torch.int32)
+        vals = (k32 ^ ((k32 >> 31) & 0x7FFFFFFF)).view(torch.float32)
+        bad = (status == K.STATUS_INVALID)[:, None]
+        top_ids = torch.where(bad, torch.full_like(ids, -1), ids)
+        top_lp = (vals.to(torch.float64) - ws["lse"][:, None]).to(torch.float32)
+        top_lp = torch.where(bad, torch.full_like(top_lp, float("nan")), top_lp)
+    return lp, tok, top_ids, top_lp

@@ -1,0 +1,972 @@
+"""Fused Triton kernels for the whole sampling pipeline of :mod:`sampling.kernels.reference`.
+
+A call is a fixed sequence of launches whose grids depend only on ``B``, ``V`` and host-side
+flags, with no device-to-host synchronisation, so it can be captured in a CUDA graph:
+
+``prep`` (grid B, only with penalties; otherwise the scan derives the row keys itself)
+    Stream position and key of each row, and a sparse penalty table built from the history
+    ids in O(B*L): a bitmask ``bits[B, ceil(V/32)]`` of penalised tokens and their penalised
+    values in ``zpen[B, V]`` (written only at those tokens, never cleared or read elsewhere).
+``scan`` (persistent, one warp per program; the one full read)
+    Work items are (row, chunk). Each computes the penalised, tempered values ``z`` once:
+    flags for NaN / +inf / no finite value, the chunk max, the log-sum-exp ("others" against a
+    running max) when needed, the Gumbel-max argmax for rows without truncation (the noise's
+    logs are skipped wherever they cannot change the winner), and for truncated rows lower
+    bounds on the top-k threshold. In the fused mode the chunk is swept again right away from
+    the L2 to emit its candidates.
+``gather`` (grid B x C, unfused mode, truncated rows only)
+    One row-wide bound, then every element with ``z >= theta`` joins a small candidate list.
+``finish`` (grid B)
+    Exact top-k / top-p / min-p on the candidates by bisection over float keys (no sort),
+    float64 Gumbel-max over survivors, log-probabilities. Rows whose candidate set was
+    unbounded (top-p without top-k) or overflowed take the fallback in the same program: an
+    exact radix select over the full row (16 bins a pass), then one sampling pass.
+
+Why the bounds are sound: the per-lane running maxima of a chunk are distinct elements of
+the row, and the k-th largest of any subset is <= the k-th largest of the whole row, so every
+element the truncation can keep is a candidate. Each chunk also publishes its ``Q`` largest
+lane maxima; the k-th largest of their union is again a lower bound, and a tight one when a
+row is split over many chunks (small batches). Min-p alone bounds by m + log(min_p).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import stream as rs
+
+INT32_MAX = tl.constexpr(2147483647)
+INT32_MIN = tl.constexpr(-2147483648)
+
+#: Host-side codes; the kernels use the same numbers as literals.
+MODES = {"sampling": 0, "processed": 1, "raw": 2}
+STATUS_DONE = 0  # row finished
+STATUS_INVALID = 1  # NaN / +inf after penalties and temperature, or no finite value
+STATUS_FALLBACK = 2  # candidate set unbounded or overflowed: finished by the exact fallback
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
+#: okey(-inf): the initial value of the row-level running maxima kept as int32 keys.
+KEY_NEG_INF = tl.constexpr(-2139095041)
+
+
+@triton.jit
+def _okey(z):
+    """float32 -> int32 key with the same order (-0.0 folded onto +0.0, as comparisons do)."""
+    b = z.to(tl.int32, bitcast=True)
+    b = tl.where(b == INT32_MIN, 0, b)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _ofloat(key):
+    """Inverse of :func:`_okey`."""
+    b = key ^ ((key >> 31) & 0x7FFFFFFF)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kth_key(keys, valid, k):
+    """The k-th largest of ``keys`` over ``valid`` lanes (needs 1 <= k <= count(valid)).
+
+    Bisection on the int32 key space: 32 counting reductions, exact, no sort.
+    """
+    lo = tl.min(tl.where(valid, keys, INT32_MAX)).to(tl.int64)
+    hi = tl.max(tl.where(valid, keys, INT32_MIN)).to(tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum((valid & (keys >= mid.to(tl.int32))).to(tl.int32))
+        ok = c >= k
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def _recip(T, FAST: tl.constexpr):
+    """Per-row reciprocal for :func:`_div`: rcp.approx refined by one Newton step, exactly the
+    first half of the fast path that ``div.rn.f32`` compiles to (hoisted out of the loop)."""
+    if FAST:
+        y0 = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [T], dtype=tl.float32,
+                                       is_pure=True, pack=1)
+        return tl.fma(y0, tl.fma(y0, -T, 1.0), y0)
+    return T
+
+
+@triton.jit
+def _div(z, T, Y, FAST: tl.constexpr):
+    """z / T correctly rounded (numpy's float32 division), bit for bit.
+
+    FAST replays the second half of the fast path of ``div.rn.f32`` (q = z*y, r = z - q*T,
+    q + r*y) with the reciprocal ``Y`` computed once per row; lanes outside the range where that
+    path is exact (|z| < 2**-100, |z| > 2**100, inf, NaN) branch to the full ``div.rn.f32``
+(a warp skips that branch unless one of its lanes needs it). The host only sets FAST when
+    every temperature is in [2**-20, 2**20].
+    """
+    if FAST:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .f32 q, r, a;
+            .reg .pred p, p2;
+            mul.rn.f32 q, $1, $3;
+            neg.f32 a, $2;
+            fma.rn.f32 r, q, a, $1;
+            fma.rn.f32 $0, $3, r, q;
+            abs.f32 a, $1;
+            setp.ltu.f32 p, a, 0f0D800000;
+            setp.gtu.f32 p2, a, 0f71800000;
+            or.pred p, p, p2;
+            @!p bra DIVOK${:uid};
+            div.rn.f32 $0, $1, $2;
+            DIVOK${:uid}:
+            }""",
+            "=f,f,f,f", [z, T, Y], dtype=tl.float32, is_pure=True, pack=1)
+    return tl.math.div_rn(z, T)
+
+
+@triton.jit
+def _lg2(x, FAST: tl.constexpr):
+    """log2 on the MUFU (absolute error ~2**-22.6) on the GPU; exact-ish elsewhere."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.log2(x)
+
+
+@triton.jit
+def _uv(key, offs):
+    """The stream's uniform u = (2m+1) 2**-24 and v = 1 - u, both exact, from the top 23 bits m
+    of the token's hash (bit tricks instead of an int-to-float conversion)."""
+    h = rs.token_bits(key, offs.to(tl.uint32))
+    m = h >> 9
+    one = tl.full([], 0x3F800000, tl.uint32)
+    u = ((m | one).to(tl.float32, bitcast=True) - 1.0) + 5.9604644775390625e-08
+    v = (((0x7FFFFF - m) | one).to(tl.float32, bitcast=True) - 1.0) + 5.9604644775390625e-08
+    return u, v
+
+
+@triton.jit
+def _gumbel_uv(u, v, FAST: tl.constexpr):
+    """Gumbel noise -log(-log(u)) in float32 (error a few 1e-7 absolute).
+
+    E = -log(u) takes a short series in v where u is near 1 (there a log of u would lose the
+    relative accuracy of E, and those tokens carry the largest Gumbel values); the MUFU log
+    elsewhere.
+    """
+    ser = tl.fma(v, 0.16666666666666666, 0.2)
+    ser = tl.fma(v, ser, 0.25)
+    ser = tl.fma(v, ser, 0.3333333333333333)
+    ser = tl.fma(v, ser, 0.5)
+    ser = tl.fma(v, ser, 1.0)
+    E = tl.where(v < 0.0625, v * ser, _lg2(u, FAST) * -LN2)
+    return _lg2(E, FAST) * -LN2
+
+
+@triton.jit
+def _gumbel(key, offs, FAST: tl.constexpr):
+    u, v = _uv(key, offs)
+    return _gumbel_uv(u, v, FAST)
+
+
+@triton.jit
+def _gumbel_key(z, u, v, thr, FAST: tl.constexpr):
+    """z + Gumbel where v < thr, else -inf.
+
+    Since G <= -log(v), a token with v >= exp(z - best) cannot beat ``best``; the caller passes
+    thr = exp(z - best) (with slack). On the GPU the logs are branched around, so a warp whose
+    lanes all fail the test (nearly every warp after the first tiles) skips them."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .f32 s, e, g;
+            .reg .pred p, q;
+            mov.f32 $0, 0fFF800000;
+            setp.lt.f32 p, $3, $4;
+            @!p bra GSKIP${:uid};
+            fma.rn.f32 s, $3, 0f3E2AAAAB, 0f3E4CCCCD;
+            fma.rn.f32 s, $3, s, 0f3E800000;
+            fma.rn.f32 s, $3, s, 0f3EAAAAAB;
+            fma.rn.f32 s, $3, s, 0f3F000000;
+            fma.rn.f32 s, $3, s, 0f3F800000;
+            mul.rn.f32 s, $3, s;
+            lg2.approx.f32 e, $2;
+            mul.rn.f32 e, e, 0fBF317218;
+            setp.lt.f32 q, $3, 0f3D800000;
+            selp.f32 e, s, e, q;
+            lg2.approx.f32 g, e;
+            mul.rn.f32 g, g, 0fBF317218;
+            add.rn.f32 $0, $1, g;
+            GSKIP${:uid}:
+            }""",
+            "=f,f,f,f,f", [z, u, v, thr], dtype=tl.float32, is_pure=True, pack=1)
+    return tl.where(v < thr, z + _gumbel_uv(u, v, FAST), float("-inf"))
+
+
+@triton.jit
+def _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr,
+          FAST: tl.constexpr):
+    """Penalised, tempered ``z`` from loaded logits ``x`` (float32; masked lanes -inf)."""
+    z = x
+    if HAS_PEN:
+        word = tl.load(bits_row + (offs >> 5), mask=mask, other=0)
+        hit = ((word >> (offs & 31)) & 1) != 0
+        zp = tl.load(zpen_row + offs, mask=mask & hit, other=0.0)
+        z = tl.where(hit, zp, z)
+    if HAS_TEMP:
+        z = _div(z, T, Y, FAST)
+    return z
+
+
+@triton.jit
+def _load_z(x_row, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr,
+            FAST: tl.constexpr):
+    x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    return x, _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+
+
+@triton.jit
+def _lse_update(s, m, z):
+    """Online sum of exp(z - lane max), *excluding* the max's own 1 (float32).
+
+    Keeping "the others" rather than the total keeps log1p(others) accurate for peaked rows,
+    where the chosen token's logprob is -log1p(tiny)."""
+    gt = z > m
+    e = tl.exp2(tl.where(gt, m - z, z - m) * LOG2E)
+    e = tl.where(z == float("-inf"), 0.0, e)
+    return tl.where(gt, (s + 1.0) * e, s + e)
+
+
+@triton.jit
+def _lse_chunk(m_vec, s_vec):
+    """(max, others) over lanes: sum exp(z - max) = 1 + others; others in float64."""
+    mc = tl.max(m_vec)
+    live = m_vec > float("-inf")
+    at = (m_vec == mc) & live
+    t = tl.where(at, s_vec, (1.0 + s_vec) * tl.exp2((m_vec - mc) * LOG2E))
+    t = tl.where(live, t, 0.0).to(tl.float64)
+    extra = tl.maximum(tl.sum(at.to(tl.int32)) - 1, 0)
+    return mc, tl.sum(t) + extra.to(tl.float64)
+
+
+@triton.jit
+def _lse_rows(m_ptr, s_ptr, base, C, CP: tl.constexpr):
+    """Row (max, others) from per-chunk (max, others); log-sum-exp = max + log1p(others)."""
+    cc = tl.arange(0, CP)
+    mc = tl.load(m_ptr + base + cc, mask=cc < C, other=float("-inf"))
+    sc = tl.load(s_ptr + base + cc, mask=cc < C, other=0.0)
+    m = tl.max(mc)
+    live = mc > float("-inf")
+    at = (mc == m) & live
+    t = tl.where(at, sc, (1.0 + sc) * tl.exp(mc.to(tl.float64) - m.to(tl.float64)))
+    t = tl.where(live, t, 0.0)
+    extra = tl.maximum(tl.sum(at.to(tl.int32)) - 1, 0)
+    return m, tl.sum(t) + extra.to(tl.float64)
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) for float64 x >= 0, accurate for tiny x (the correction term restores the
+    bits that 1 + x rounds away); portable to the interpreter, unlike libdevice."""
+    u = 1.0 + x
+    return tl.log(u) - ((u - 1.0) - x) / u
+
+
+@triton.jit
+def _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V):
+    greedy = tl.load(greedy_ptr + b) != 0
+    k = tl.load(topk_ptr + b)
+    p = tl.load(topp_ptr + b)
+    mp = tl.load(minp_ptr + b)
+    active_k = (k > 0) & (k < V)
+    active_p = p < 1.0
+    trunc = (greedy == 0) & (active_k | active_p | (mp > 0.0))
+    return greedy, k, p, mp, active_k, active_p, trunc
+
+
+
+# ----------------------------------------------------------------------------- prep
+
+
+@triton.jit
+def _position_key(
+    b, V, out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
+    samp_lo, samp_hi, call_ptr,
+    HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr, BL: tl.constexpr,
+):
+    """The row's stream key (uint32): seeded rows from (seed, position), others from the
+    sampler's seed, the device call counter and the row index."""
+    b64 = b.to(tl.int64)
+    lanes = tl.arange(0, BL)
+    # Stream position: the weighted number of valid output ids, unless given.
+    if HAS_POS:
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+    else:
+        pos = tl.zeros([], tl.int64)
+        if HAS_OUT:
+            acc = tl.zeros([BL], tl.int64)
+            for i0 in range(0, O, BL):
+                i = i0 + lanes
+                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
+                ok = (t >= 0) & (t < V) & (i < O)
+                if HAS_COUNTS:
+                    w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int64)
+                else:
+                    w = tl.full([BL], 1, tl.int64)
+                acc += tl.where(ok, w, 0)
+            pos = tl.sum(acc)
+    has_seed = tl.load(hs_ptr + b) != 0
+    lo = tl.load(slo_ptr + b).to(tl.uint32)
+    hi = tl.load(shi_ptr + b).to(tl.uint32)
+    seeded = rs.row_key(lo, hi, pos.to(tl.uint32))
+    call = tl.load(call_ptr).to(tl.uint32)
+    free = rs.unseeded_key(samp_lo.to(tl.uint32), samp_hi.to(tl.uint32), call, b.to(tl.uint32))
+    return tl.where(has_seed, seeded, free)
+
+
+@triton.jit(do_not_specialize=["samp_lo", "samp_hi"])
+def _prep_kernel(
+    x_ptr, x_stride, V, W,
+    rep_ptr, rep_stride, R,
+    out_ptr, out_stride, O,
+    cnt_ptr, cnt_stride,
+    pos_ptr,
+    rp_ptr, fp_ptr, pp_ptr,
+    hs_ptr, slo_ptr, shi_ptr,
+    samp_lo, samp_hi, call_ptr,
+    bits_ptr, obits_ptr, zpen_ptr, ctmp_ptr,
+    rowkey_ptr, ncand_ptr,
+    HAS_REP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
+    PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr,
+    BL: tl.constexpr, BW: tl.constexpr,
+):
+    b = tl.program_id(0)
+    b64 = b.to(tl.int64)
+    tl.store(ncand_ptr + b, 0)
+    lanes = tl.arange(0, BL)
+    key = _position_key(b, V, out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
+                        samp_lo, samp_hi, call_ptr, HAS_OUT, HAS_COUNTS, HAS_POS, BL)
+    tl.store(rowkey_ptr + b, key.to(tl.int64))
+
+    if PEN_REP or PEN_OUT:
+        bits_row = bits_ptr + b64 * W
+        obits_row = obits_ptr + b64 * W
+        zrow = zpen_ptr + b64 * V
+        zrow_i = zrow.to(tl.pointer_type(tl.int32))
+        x_row = x_ptr + b64 * x_stride
+        wl = tl.arange(0, BW)
+        for w0 in range(0, W, BW):
+            tl.store(bits_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
+            if PEN_OUT:
+                tl.store(obits_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
+        tl.debug_barrier()
+        # Phase 1: membership bits; zeroed count slots for the output ids.
+        if PEN_REP:
+            for i0 in range(0, R, BL):
+                i = i0 + lanes
+                t = tl.load(rep_ptr + b64 * rep_stride + i, mask=i < R, other=-1)
+                ok = (t >= 0) & (t < V) & (i < R)
+                ts = tl.where(ok, t, 0).to(tl.int32)
+                tl.atomic_or(bits_row + (ts >> 5), tl.full([BL], 1, tl.int32) << (ts & 31), mask=ok, sem="relaxed")
+        if PEN_OUT:
+            for i0 in range(0, O, BL):
+                i = i0 + lanes
+                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
+                ok = (t >= 0) & (t < V) & (i < O)
+                ts = tl.where(ok, t, 0).to(tl.int32)
+                tl.atomic_or(obits_row + (ts >> 5), tl.full([BL], 1, tl.int32) << (ts & 31), mask=ok, sem="relaxed")
+                tl.store(zrow_i + ts, tl.zeros([BL], tl.int32), mask=ok)
+        tl.debug_barrier()
+        if PEN_OUT:
+            # Phase 2: occurrence counts, accumulated in the (int32 view of the) zpen slots.
+            for i0 in range(0, O, BL):
+                i = i0 + lanes
+                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
+                ok = (t >= 0) & (t < V) & (i < O)
+                ts = tl.where(ok, t, 0).to(tl.int32)
+                if HAS_COUNTS:
+                    w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int32)
+                else:
+                    w = tl.full([BL], 1, tl.int32)
+                tl.atomic_add(zrow_i + ts, w, mask=ok, sem="relaxed")
+            tl.debug_barrier()
+            # Phase 3: every entry reads its token's total before any slot is overwritten.
+            for i0 in range(0, O, BL):
+                i = i0 + lanes
+                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
+                ok = (t >= 0) & (t < V) & (i < O)
+                ts = tl.where(ok, t, 0).to(tl.int32)
+                c = tl.load(zrow_i + ts, mask=ok, other=0, cache_modifier=".cg")
+                tl.store(ctmp_ptr + b64 * O + i, c, mask=i < O)
+            tl.debug_barrier()
+        # Phase 4: penalised values, float32, each operation rounded separately (as numpy).
+        r = tl.load(rp_ptr + b)
+        f = tl.load(fp_ptr + b)
+        pp = tl.load(pp_ptr + b)
+        if PEN_OUT:
+            for i0 in range(0, O, BL):
+                i = i0 + lanes
+                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
+                ok = (t >= 0) & (t < V) & (i < O)
+                ts = tl.where(ok, t, 0).to(tl.int32)
+                c = tl.load(ctmp_ptr + b64 * O + i, mask=ok, other=0)
+                z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
+                if PEN_REP:
+                    word = tl.load(bits_row + (ts >> 5), mask=ok, other=0, cache_modifier=".cg")
+                    seen = ((word >> (ts & 31)) & 1) != 0
+                    z = tl.where(seen, tl.where(z > 0, tl.math.div_rn(z, r), z * r), z)
+                hit = c > 0
+                z = tl.where(hit, z - f * c.to(tl.float32), z)
+                z = tl.where(hit, z - pp, z)
+                tl.store(zrow + ts, z, mask=ok)
+        if PEN_REP:
+            for i0 in range(0, R, BL):
+                i = i0 + lanes
+                t = tl.load(rep_ptr + b64 * rep_stride + i, mask=i < R, other=-1)
+                ok = (t >= 0) & (t < V) & (i < R)
+                ts = tl.where(ok, t, 0).to(tl.int32)
+                if PEN_OUT:
+                    oword = tl.load(obits_row + (ts >> 5), mask=ok, other=0, cache_modifier=".cg")
+                    ok = ok & (((oword >> (ts & 31)) & 1) == 0)
+                z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
+                z = tl.where(z > 0, tl.math.div_rn(z, r), z * r)
+                tl.store(zrow + ts, z, mask=ok)
+        if PEN_OUT:
+            tl.debug_barrier()
+            # Phase 5: one bitmask for the scan (output-only tokens join the repetition bits).
+            for i0 in range(0, O, BL):
+                i = i0 + lanes
+                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
+                ok = (t >= 0) & (t < V) & (i < O)
+                ts = tl.where(ok, t, 0).to(tl.int32)
+                tl.atomic_or(bits_row + (ts >> 5), tl.full([BL], 1, tl.int32) << (ts & 31), mask=ok, sem="relaxed")
+
+
+# ----------------------------------------------------------------------------- scan
+
+
+@triton.jit
+def _emit_tile(z, offs, sel, b, ncand_ptr, cval_ptr, cidx_ptr, CAP):
+    """Append the selected lanes of one tile to row b's candidates: one atomic per tile that
+    has any (rare once the bound is tight), slots by prefix sum."""
+    n = tl.sum(sel.to(tl.int32))
+    if n > 0:
+        base = tl.atomic_add(ncand_ptr + b, n, sem="relaxed")
+        slot = base + tl.cumsum(sel.to(tl.int32), 0) - 1
+        keep = sel & (slot < CAP)
+        slot = tl.where(keep, slot, 0)
+        b64 = b.to(tl.int64)
+        tl.store(cval_ptr + b64 * CAP + slot, z, mask=keep)
+        tl.store(cidx_ptr + b64 * CAP + slot, offs, mask=keep)
+
+
+@triton.jit
+def _emit(x_row, bits_row, zpen_row, T, Y, start, end, th, b, ncand_ptr, cval_ptr, cidx_ptr, CAP,
+          HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, TILE: tl.constexpr):
+    """Append every element of [start, end) with z >= th to row b's candidate list."""
+    lanes = tl.arange(0, TILE)
+    xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
+    for s0 in range(start, end, TILE):
+        offs = s0 + lanes
+        mask = offs < end
+        x = xn.to(tl.float32)
+        xn = tl.load(x_row + offs + TILE, mask=offs + TILE < end, other=float("-inf"))
+        z = _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+        _emit_tile(z, offs, mask & (z >= th), b, ncand_ptr, cval_ptr, cidx_ptr, CAP)
+
+
+@triton.jit(do_not_specialize=["samp_lo", "samp_hi"])
+def _scan_kernel(
+    x_ptr, x_stride, V, CH, C, B, NITEMS,
+    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
+    bits_ptr, W, zpen_ptr,
+    cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr, cth_ptr, clist_ptr,
+    out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
+    samp_lo, samp_hi, call_ptr, ncand_ptr, glob_ptr, cval_ptr, cidx_ptr, CAP,
+    PREP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
+    ANY_PLAIN: tl.constexpr, ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, FUSED: tl.constexpr,
+    TILE: tl.constexpr, Q: tl.constexpr, FT: tl.constexpr,
+):
+    """Persistent: program p takes work items p, p + P, ... in chunk-major order (the first
+    chunk of every row, then the second, ...), so that in the FUSED mode a chunk usually finds
+    the row's bound already raised by earlier chunks of the same row."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lanes = tl.arange(0, TILE)
+    for w in range(pid, NITEMS, nprog):
+        c = w // B
+        b = w - c * B
+        b64 = b.to(tl.int64)
+        x_row = x_ptr + b64 * x_stride
+        bits_row = bits_ptr + b64 * W
+        zpen_row = zpen_ptr + b64 * V
+        start = c * CH
+        end = tl.minimum(start + CH, V)
+        T = tl.load(temp_ptr + b)
+        Y = _recip(T, FAST)
+        greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
+        gum_row = (trunc == 0) & (greedy == 0)
+        if PREP:
+            rk = tl.load(rowkey_ptr + b).to(tl.uint32)
+        else:
+            # Without penalties there is no prep launch: each item derives the row key itself
+            # (O(L) reads); the first chunk publishes it (and, unfused, resets the counter).
+            rk = _position_key(b, V, out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr,
+                               shi_ptr, samp_lo, samp_hi, call_ptr, HAS_OUT, HAS_COUNTS, HAS_POS, 256)
+            if c == 0:
+                tl.store(rowkey_ptr + b, rk.to(tl.int64))
+                if not FUSED:
+                    tl.store(ncand_ptr + b, 0)
+
+        m_vec = tl.full([TILE], float("-inf"), tl.float32)
+        nan_vec = tl.full([TILE], float("-inf"), tl.float32)
+        # Row log-sum-exp against the running chunk max m_row (a scalar, raised tile by tile):
+        # s_vec sums exp(z - m_row) over elements strictly below it; elements equal to m_row
+        # are counted in n_at, and former maxima, once overtaken, move to s_extra. The sum of
+        # "the others" stays accurate for peaked rows, where the logprob is -log1p(others).
+        m_row = tl.full([], float("-inf"), tl.float32)
+        ml2 = tl.full([], float("-inf"), tl.float32)
+        n_at = tl.zeros([], tl.float32)
+        s_extra = tl.zeros([], tl.float32)
+        s_vec = tl.zeros([TILE], tl.float32)
+        rm_vec = tl.full([TILE], float("-inf"), tl.float32)
+        rs_vec = tl.zeros([TILE], tl.float32)
+        kb = tl.full([TILE], float("-inf"), tl.float32)
+        ki = tl.zeros([TILE], tl.int32)
+        kb_row = tl.full([], float("-inf"), tl.float32)
+        # fused mode: each tile's max, so the re-sweep visits only tiles that hold candidates
+        tidx = tl.arange(0, FT)
+        tmaxes = tl.full([FT], float("-inf"), tl.float32)
+        # one tile loaded ahead, so a load is always in flight while the previous tile computes
+        xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
+        for s0 in range(start, end, TILE):
+            offs = s0 + lanes
+            mask = offs < end
+            x = xn.to(tl.float32)
+            xn = tl.load(x_row + offs + TILE, mask=offs + TILE < end, other=float("-inf"))
+            z = _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+            # NaN-propagating max: one instruction flags NaN (and +inf shows in the max).
+            nan_vec = tl.maximum(nan_vec, z, propagate_nan=tl.PropagateNan.ALL)
+            if ANY_TRUNC:
+                m_vec = tl.maximum(m_vec, z)
+            if FUSED:
+                tmaxes = tl.where(tidx == (s0 - start) // TILE, tl.max(z), tmaxes)
+            if NEED_S or ANY_GUMBEL:
+                tmax = tl.max(z)
+                if tmax >= m_row:
+                    if tmax > m_row:
+                        f = tl.exp2((m_row - tmax) * LOG2E)
+                        s_vec = s_vec * f
+                        s_extra = (s_extra + n_at) * f
+                        n_at = tl.zeros([], tl.float32)
+                        m_row = tmax
+                        ml2 = tmax * LOG2E
+                    n_at += tl.sum((z == m_row).to(tl.float32))
+                e = tl.exp2(tl.fma(z, LOG2E, -ml2))
+                if NEED_S:
+                    s_vec += tl.where(z < m_row, e, 0.0)
+            if NEED_RAW:
+                rs_vec = _lse_update(rs_vec, rm_vec, x)
+                rm_vec = tl.maximum(rm_vec, x)
+            if ANY_PLAIN:
+                key = z
+                if ANY_GUMBEL:
+                    # exp(z - kb_row) = e * exp(m_row - kb_row); 0.1% slack covers the rounding
+                    cb = tl.where(kb_row == float("-inf"), float("inf"),
+                                  tl.exp2((m_row - kb_row) * LOG2E) * 1.001)
+                    u, v = _uv(rk, offs)
+                    key = tl.where(gum_row, _gumbel_key(z, u, v, e * cb, FAST), z)
+                better = key > kb
+                kb = tl.where(better, key, kb)
+                ki = tl.where(better, offs, ki)
+                if ANY_GUMBEL:
+                    kb_row = tl.maximum(kb_row, tl.max(key))
+
+        ws = b64 * C + c
+        m_c = tl.max(nan_vec)
+        if ANY_TRUNC:
+            m_c = tl.max(m_vec)
+        bad_c = (tl.max((nan_vec != nan_vec).to(tl.int32)) > 0) | (m_c == float("inf"))
+        tl.store(cflag_ptr + ws, bad_c.to(tl.int32) | ((m_c > float("-inf")).to(tl.int32) << 1))
+        tl.store(cm_ptr + ws, m_c)
+        if NEED_S:
+            oth = tl.sum(s_vec.to(tl.float64)) + s_extra.to(tl.float64) + tl.maximum(n_at - 1.0, 0.0).to(tl.float64)
+            tl.store(cs_ptr + ws, oth)
+        if NEED_RAW:
+            rmc, roth = _lse_chunk(rm_vec, rs_vec)
+            tl.store(crm_ptr + ws, rmc)
+            tl.store(crs_ptr + ws, roth)
+        if ANY_PLAIN:
+            kbest = tl.max(kb)
+            ibest = tl.min(tl.where(kb == kbest, ki, INT32_MAX))
+            tl.store(ckey_ptr + ws, kbest)
+            tl.store(cid_ptr + ws, ibest)
+        if ANY_TRUNC:
+            if trunc:
+                valid = m_vec > float("-inf")
+                th_c = tl.full([], float("-inf"), tl.float32)
+                if active_k & (k <= tl.sum(valid.to(tl.int32))):
+                    th_c = _ofloat(_kth_key(_okey(m_vec), valid, k))
+                if FUSED:
+                    # Any chunk's bound is a bound for the whole row: share the best so far.
+                    th = tl.full([], float("-inf"), tl.float32)
+                    if active_k:
+                        old = tl.atomic_max(glob_ptr + b, _okey(th_c), sem="relaxed")
+                        th = tl.maximum(th_c, _ofloat(old))
+                    if (active_p == 0) & (mp > 0.0):
+                        oldm = tl.atomic_max(glob_ptr + B + b, _okey(m_c), sem="relaxed")
+                        m_seen = tl.maximum(m_c, _ofloat(oldm))
+                        lmp = tl.log(mp)
+                        th = tl.maximum(th, m_seen + lmp - (tl.abs(m_seen) + tl.abs(lmp) + 1.0) * 1e-5)
+                    tl.store(cth_ptr + ws, th)
+                    if (th > float("-inf")) & (bad_c == 0):
+                        # The chunk was just read: this second sweep is served by the L2, and
+                        # only tiles whose max reaches the bound are read again.
+                        for t in range(0, tl.cdiv(end - start, TILE)):
+                            if tl.max(tl.where(tidx == t, tmaxes, float("-inf"))) >= th:
+                                offs = start + t * TILE + lanes
+                                mask = offs < end
+                                x, z = _load_z(x_row, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+                                _emit_tile(z, offs, mask & (z >= th), b, ncand_ptr, cval_ptr, cidx_ptr, CAP)
+                else:
+                    tl.store(cth_ptr + ws, th_c)
+                    work = m_vec
+                    for q in range(Q):
+                        v = tl.max(work)
+                        tl.store(clist_ptr + ws * Q + q, v)
+                        work = tl.where(work == v, float("-inf"), work)
+
+
+# ----------------------------------------------------------------------------- gather
+
+
+@triton.jit
+def _gather_kernel(
+    x_ptr, x_stride, V, CH, C,
+    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr,
+    bits_ptr, W, zpen_ptr,
+    cm_ptr, cflag_ptr, cth_ptr, clist_ptr,
+    theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, CAP,
+    HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
+    TILE: tl.constexpr, Q: tl.constexpr, CP: tl.constexpr, LP: tl.constexpr,
+):
+    """Unfused mode (small batches, whose logits fit in the L2): one row-wide bound from every
+    chunk's lane maxima and published top-Q lists, then the candidates of one chunk."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
+    cc = tl.arange(0, CP)
+    cf = tl.load(cflag_ptr + b64 * C + cc, mask=cc < C, other=0)
+    ok_row = (tl.max(cf & 1) == 0) & (tl.max((cf >> 1) & 1) == 1)
+    th = tl.full([], float("-inf"), tl.float32)
+    if trunc & ok_row:
+        th_k = tl.max(tl.load(cth_ptr + b64 * C + cc, mask=cc < C, other=float("-inf")))
+        if active_k & (k <= C * Q):
+            ll = tl.arange(0, LP)
+            lv = tl.load(clist_ptr + b64 * C * Q + ll, mask=ll < C * Q, other=float("-inf"))
+            lvalid = lv > float("-inf")
+            if k <= tl.sum(lvalid.to(tl.int32)):
+                th_k = tl.maximum(th_k, _ofloat(_kth_key(_okey(lv), lvalid, k)))
+        if active_k:
+            th = th_k
+        if (active_p == 0) & (mp > 0.0):
+            # Survivors satisfy exp(z - m) >= min_p, so z >= m + log(min_p); the margin only
+            # admits a few extra candidates, it never drops one.
+            m = tl.max(tl.load(cm_ptr + b64 * C + cc, mask=cc < C, other=float("-inf")))
+            lmp = tl.log(mp)
+            th = tl.maximum(th, m + lmp - (tl.abs(m) + tl.abs(lmp) + 1.0) * 1e-5)
+        if th > float("-inf"):
+            T = tl.load(temp_ptr + b)
+            start = c * CH
+            _emit(x_ptr + b64 * x_stride, bits_ptr + b64 * W, zpen_ptr + b64 * V, T, _recip(T, FAST),
+                  start, tl.minimum(start + CH, V), th, b, ncand_ptr, cval_ptr, cidx_ptr, CAP,
+                  HAS_PEN, HAS_TEMP, FAST, TILE)
+    if c == 0:
+        tl.store(theta_ptr + b, th)
+
+
+# ----------------------------------------------------------------------------- finish
+
+
+@triton.jit
+def _finish_kernel(
+    x_ptr, x_stride, V, C,
+    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
+    bits_ptr, W, zpen_ptr,
+    cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr, cth_ptr,
+    theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, CAP,
+    tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, call_ptr,
+    MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
+    ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
+    FUSED: tl.constexpr, CP: tl.constexpr, CAPP: tl.constexpr, FB_TILE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    b64 = b.to(tl.int64)
+    base = b64 * C
+    greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
+    cc = tl.arange(0, CP)
+    cf = tl.load(cflag_ptr + base + cc, mask=cc < C, other=0)
+    ok_row = (tl.max(cf & 1) == 0) & (tl.max((cf >> 1) & 1) == 1)
+    m = tl.max(tl.load(cm_ptr + base + cc, mask=cc < C, other=float("-inf")))
+    m64 = m.to(tl.float64)
+    x_row = x_ptr + b64 * x_stride
+    bits_row = bits_ptr + b64 * W
+    zpen_row = zpen_ptr + b64 * V
+    T = tl.load(temp_ptr + b)
+    Y = _recip(T, FAST)
+    lse_all = tl.zeros([], tl.float64)
+    if NEED_S:
+        m_s, oth = _lse_rows(cm_ptr, cs_ptr, base, C, CP)
+        lse_all = m_s.to(tl.float64) + _log1p(oth)
+    lse_raw = tl.zeros([], tl.float64)
+    if NEED_RAW:
+        m_r, roth = _lse_rows(crm_ptr, crs_ptr, base, C, CP)
+        lse_raw = m_r.to(tl.float64) + _log1p(roth)
+
+    status = tl.where(ok_row, 0, 1)
+    tok = tl.full([], -1, tl.int32)
+    lp = tl.full([], float("nan"), tl.float64)
+    tau = tl.full([], float("-inf"), tl.float32)
+    lse = tl.full([], float("nan"), tl.float64)
+    if ok_row:
+        if trunc:
+            if ANY_TRUNC:
+                if FUSED:
+                    th = tl.min(tl.load(cth_ptr + base + cc, mask=cc < C, other=float("inf")))
+                else:
+                    th = tl.load(theta_ptr + b)
+                cnt = tl.load(ncand_ptr + b)
+                if (th == float("-inf")) | (cnt > CAP):
+                    status = tl.full([], 2, tl.int32)
+                    rk = tl.load(rowkey_ptr + b).to(tl.uint32)
+                    tok, lp, tau, lse = _fallback_row(
+                        x_row, bits_row, zpen_row, T, Y, V, k, p, mp, active_k, active_p, m, rk, lse_raw,
+                        MODE, HAS_PEN, HAS_TEMP, FAST, FB_TILE,
+                    )
+                else:
+                    ar = tl.arange(0, CAPP)
+                    valid = ar < cnt
+                    vals = tl.load(cval_ptr + b64 * CAP + ar, mask=valid, other=float("-inf"))
+                    ids = tl.load(cidx_ptr + b64 * CAP + ar, mask=valid, other=INT32_MAX)
+                    keys = _okey(vals)
+                    v64 = vals.to(tl.float64)
+                    ksurv = valid
+                    if active_k & (k <= cnt):
+                        ksurv = valid & (keys >= _kth_key(keys, valid, k))
+                    w = tl.where(ksurv, tl.exp(v64 - m64), 0.0)
+                    surv = ksurv
+                    if active_p:
+                        # kappa = the smallest key whose strictly-greater mass is < p of the
+                        # top-k mass; survivors are the keys >= kappa (ties share their fate).
+                        wk = tl.sum(w)
+                        p64 = p.to(tl.float64)
+                        lo = tl.min(tl.where(ksurv, keys, INT32_MAX)).to(tl.int64)
+                        hi = tl.max(tl.where(ksurv, keys, INT32_MIN)).to(tl.int64)
+                        for _ in range(32):
+                            mid = lo + (hi - lo) // 2
+                            above = tl.sum(tl.where(keys > mid.to(tl.int32), w, 0.0))
+                            good = (above / wk) < p64
+                            hi = tl.where(good, mid, hi)
+                            lo = tl.where(good, lo, mid + 1)
+                        surv = surv & (keys >= hi.to(tl.int32))
+                    if mp > 0.0:
+                        surv = surv & (tl.exp(v64 - m64) >= mp.to(tl.float64))
+                    rk = tl.load(rowkey_ptr + b).to(tl.uint32)
+                    g = tl.where(surv, v64 + rs.gumbel64(rk, ids), float("-inf"))
+                    best = tl.max(g)
+                    tok = tl.min(tl.where(g == best, ids, INT32_MAX))
+                    z_tok = tl.sum(tl.where(ids == tok, v64, 0.0))
+                    lse = m64 + tl.log(tl.sum(tl.where(surv, tl.exp(v64 - m64), 0.0)))
+                    tau = tl.min(tl.where(surv, vals, float("inf")))
+                    lp = z_tok - lse
+        else:
+            if ANY_PLAIN:
+                kc = tl.load(ckey_ptr + base + cc, mask=cc < C, other=float("-inf"))
+                ic = tl.load(cid_ptr + base + cc, mask=cc < C, other=INT32_MAX)
+                kbest = tl.max(kc)
+                tok = tl.min(tl.where(kc == kbest, ic, INT32_MAX))
+                xt, zt = _load_z(x_row, tok, tok >= 0, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+                lse = lse_all
+                lp = zt.to(tl.float64) - lse
+        if status == 0:
+            if MODE == 1:
+                xt, zt = _load_z(x_row, tok, tok >= 0, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+                lse = lse_all
+                lp = zt.to(tl.float64) - lse
+            if MODE == 2:
+                xt, zt = _load_z(x_row, tok, tok >= 0, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+                lse = lse_raw
+                lp = xt.to(tl.float64) - lse
+    tl.store(status_ptr + b, status)
+    tl.store(tok_ptr + b, tok.to(tl.int64))
+    tl.store(lp_ptr + b, lp.to(tl.float32))
+    tl.store(tau_ptr + b, tau)
+    tl.store(lse_ptr + b, lse)
+    if b == 0:
+        # The device call counter advances inside the call, so CUDA-graph replays advance it.
+        tl.atomic_add(call_ptr, 1)
+
+
+# ----------------------------------------------------------------------------- fallback
+
+
+@triton.jit
+def _radix_pass(
+    x_row, bits_row, zpen_row, T, Y, V, m, prefix, shift, lowcut,
+    WANT_MASS: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Counts (and masses exp(z - m)) per 4-bit digit at ``shift`` of the elements whose
+    unsigned key is >= ``lowcut`` and matches ``prefix`` above the digit."""
+    d16 = tl.arange(0, 16)
+    cnt = tl.zeros([16], tl.int32)
+    mass = tl.zeros([16], tl.float64)
+    lanes = tl.arange(0, TILE)
+    for s0 in range(0, V, TILE):
+        offs = s0 + lanes
+        mask = offs < V
+        x, z = _load_z(x_row, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+        u = _okey(z).to(tl.int64) + 2147483648
+        inr = mask & ((u >> (shift + 4)) == (prefix >> (shift + 4))) & (u >= lowcut)
+        dig = (u >> shift) & 15
+        onehot = (dig[:, None] == d16[None, :]) & inr[:, None]
+        cnt += tl.sum(onehot.to(tl.int32), axis=0)
+        if WANT_MASS:
+            w = tl.exp(z - m).to(tl.float64)
+            mass += tl.sum(tl.where(onehot, w[:, None], 0.0), axis=0)
+    return cnt, mass
+
+
+@triton.jit
+def _suffix_sum(v, d16):
+    """s[i] = sum of v[j] for j >= i, for a length-16 vector."""
+    return tl.sum(tl.where(d16[None, :] >= d16[:, None], v[None, :], 0), axis=1)
+
+
+@triton.jit
+def _pick(v, d16, j):
+    return tl.sum(tl.where(d16 == j, v, 0), axis=0)
+
+
+@triton.jit
+def _fallback_row(
+    x_row, bits_row, zpen_row, T, Y, V, k, p, mp, active_k, active_p, m, rk, lse_raw,
+    MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, TILE: tl.constexpr,
+):
+    """A row whose candidate set was unbounded or overflowed, done exactly over the full row:
+    radix selects for the top-k and top-p cuts (8 passes each, 16 bins a pass), then one
+    Gumbel-max pass. Returns (token, logprob, smallest survivor, log-sum-exp of the mode)."""
+    m64 = m.to(tl.float64)
+    d16 = tl.arange(0, 16)
+    # Top-k: the exact key of the k-th largest value, 4 bits a pass.
+    kcut = tl.zeros([], tl.int64)
+    if active_k:
+        prefix = tl.zeros([], tl.int64)
+        above = tl.zeros([], tl.int64)
+        for level in range(8):
+            shift = 28 - 4 * level
+            cnt, mass = _radix_pass(x_row, bits_row, zpen_row, T, Y, V, m, prefix, shift, 0,
+                                    False, HAS_PEN, HAS_TEMP, FAST, TILE)
+            ge = _suffix_sum(cnt, d16).to(tl.int64)
+            j = tl.max(tl.where(above + ge >= k, d16, -1))
+            above = above + _pick(ge, d16, j) - _pick(cnt, d16, j).to(tl.int64)
+            prefix = prefix + (j.to(tl.int64) << shift)
+        kcut = prefix
+    # Top-p on the top-k survivors: the key of the smallest kept value, by mass.
+    pcut = tl.zeros([], tl.int64)
+    if active_p:
+        prefix = tl.zeros([], tl.int64)
+        above_m = tl.zeros([], tl.float64)
+        pw = tl.zeros([], tl.float64)
+        for level in range(8):
+            shift = 28 - 4 * level
+            cnt, mass = _radix_pass(x_row, bits_row, zpen_row, T, Y, V, m, prefix, shift, kcut,
+                                    True, HAS_PEN, HAS_TEMP, FAST, TILE)
+            if level == 0:
+                pw = p.to(tl.float64) * tl.sum(mass)
+            ge = _suffix_sum(mass, d16)
+            j = tl.max(tl.where(above_m + ge >= pw, d16, -1))
+            if j < 0:
+                j = tl.min(tl.where(cnt > 0, d16, 16))
+            above_m = above_m + _pick(ge, d16, j) - _pick(mass, d16, j)
+            prefix = prefix + (j.to(tl.int64) << shift)
+        pcut = prefix
+    cut = tl.maximum(kcut, pcut)
+    # Final pass: Gumbel-max over survivors, with their log-sum-exp.
+    lanes = tl.arange(0, TILE)
+    kb = tl.full([TILE], float("-inf"), tl.float32)
+    ki = tl.zeros([TILE], tl.int32)
+    ws = tl.zeros([TILE], tl.float64)
+    wa = tl.zeros([TILE], tl.float64)
+    zmin = tl.full([TILE], float("inf"), tl.float32)
+    for s0 in range(0, V, TILE):
+        offs = s0 + lanes
+        mask = offs < V
+        x, z = _load_z(x_row, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+        u = _okey(z).to(tl.int64) + 2147483648
+        surv = mask & (u >= cut)
+        if mp > 0.0:
+            surv = surv & (tl.exp(z.to(tl.float64) - m64) >= mp.to(tl.float64))
+        e = tl.exp(z - m).to(tl.float64)
+        ws += tl.where(surv, e, 0.0)
+        wa += tl.where(mask, e, 0.0)
+        key = tl.where(surv, z + _gumbel(rk, offs, FAST), float("-inf"))
+        better = key > kb
+        kb = tl.where(better, key, kb)
+        ki = tl.where(better, offs, ki)
+        zmin = tl.minimum(zmin, tl.where(surv, z, float("inf")))
+    best = tl.max(kb)
+    tok = tl.min(tl.where(kb == best, ki, INT32_MAX))
+    xt, zt = _load_z(x_row, tok, tok >= 0, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+    lse = m64 + tl.log(tl.sum(ws))
+    if MODE == 1:
+        lse = m64 + tl.log(tl.sum(wa))
+    lp = zt.to(tl.float64) - lse
+    if MODE == 2:
+        lse = lse_raw
+        lp = xt.to(tl.float64) - lse
+    return tok, lp, tl.min(zmin), lse
+
+
+# ----------------------------------------------------------------------------- top-n
+
+
+@triton.jit
+def _topn_keys_kernel(
+    x_ptr, x_stride, V, CH,
+    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr,
+    bits_ptr, W, zpen_ptr, tau_ptr, keys_ptr,
+    MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """int64 keys whose descending order is (value descending, id ascending): a plain top-n
+    over them gives the reference's order, ties included, without sorting the row."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    x_row = x_ptr + b64 * x_stride
+    T = tl.load(temp_ptr + b)
+    Y = _recip(T, FAST)
+    tau = tl.load(tau_ptr + b)
+    start = c * CH
+    end = tl.minimum(start + CH, V)
+    lanes = tl.arange(0, TILE)
+    for s0 in range(start, end, TILE):
+        offs = s0 + lanes
+        mask = offs < end
+        x, z = _load_z(x_row, offs, mask, bits_ptr + b64 * W, zpen_ptr + b64 * V, T, Y, HAS_PEN, HAS_TEMP, FAST)
+        if MODE == 2:
+            v = x
+        elif MODE == 1:
+            v = z
+        else:
+            v = tl.where(z >= tau, z, float("-inf"))
+        key = (_okey(v).to(tl.int64) << 32) | (2147483647 - offs).to(tl.int64)
+        tl.store(keys_ptr + b64 * V + offs, key, mask=mask)
