@@ -179,6 +179,30 @@ def sort_pipeline(torch, x, T, k, p, mp=None, rep=None, out=None, pen=None, gree
     return z.log_softmax(-1).gather(1, tok[:, None]), tok
 
 
+def decode_steps(torch, cuda, Sampler, SamplingData, SamplingParam, rows=8, vocab=49152, steps=40):
+    """Wall time of consecutive synchronised calls whose history grows by one id per step, as in
+    a decode loop (the first call compiles; later ones must not, whatever the width)."""
+    rng = np.random.default_rng(0)
+    s = Sampler(backend="triton", seed=1)
+    prompt = rng.integers(0, vocab, (rows, 20))
+    out = np.zeros((rows, 0), np.int64)
+    param = SamplingParam.from_numpy(temperature=np.full(rows, 0.7), top_k=np.full(rows, 50),
+                                     top_p=np.full(rows, 0.9), repetition_penalty=np.full(rows, 1.1),
+                                     frequency_penalty=np.full(rows, 0.2), to_tensor=cuda)
+    times = []
+    for _ in range(steps):
+        x = torch.randn(rows, vocab, device="cuda") * 3
+        data = SamplingData.from_numpy(all_input_ids=np.concatenate([prompt, out], axis=1),
+                                       output_ids=out, to_tensor=cuda) if out.shape[1] else None
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        tok = s(x, data, param)[1]
+        torch.cuda.synchronize()
+        times.append(round((time.perf_counter() - t0) * 1e3, 2))
+        out = np.concatenate([out, tok.cpu().numpy()[:, None]], axis=1)
+    return times
+
+
 # ----------------------------------------------------------------------------- main grid
 
 
@@ -225,9 +249,13 @@ def run(args):
                     print(f"flashinfer {name} {dt}: ready in {time.time() - t0:.1f} s")
                 except Exception as e:
                     print(f"flashinfer {name} {dt} failed: {e!r}")
+    if args.warm_flashinfer_only:
+        return [], [], meta
     have_torch_backend = "torch" in backends.available()
     dev = torch.device("cuda")
     cuda = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+    meta["decode_steps_ms"] = decode_steps(torch, cuda, Sampler, SamplingData, SamplingParam)
+    print("decode steps (ms, B=8, V=49152, growing history):", meta["decode_steps_ms"])
 
     shapes = [(256, 151936), (1, 151936), (1024, 151936), (32, 151936),
               (256, 128256), (1, 128256), (1024, 128256), (32, 128256)]
@@ -300,7 +328,7 @@ def run(args):
             except Exception as e:
                 print(f"    ours failed: {e!r}")
                 add(sc, "ours (triton)", float("nan"), "failed", repr(e)[:200])
-            if (rows, vocab, dtname) == (shapes[0][0], shapes[0][1], dtypes[0]) and sc in ("S1", "S2", "S3"):
+            if (rows, vocab, dtname) == (shapes[0][0], shapes[0][1], dtypes[0]) and sc in args.scenarios:
                 # kernel variants on the first (priority) shape only
                 from sampling.kernels.triton import launch as tl_launch
 
@@ -435,9 +463,13 @@ def main(argv=None):
     ap.add_argument("--no-torch-backend", action="store_true")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:field=value,... extra runs of ours with changed launch.Config fields (first shape)")
+    ap.add_argument("--warm-flashinfer-only", action="store_true",
+                    help="only build FlashInfer's JIT modules (gpu_run.sh runs it alongside the tests)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     records, skipped, meta = run(args)
+    if args.warm_flashinfer_only:
+        return
     md = table(records, skipped, meta)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
         json.dump(dict(meta=meta, skipped=skipped, records=records), f, indent=1)

@@ -3,7 +3,7 @@
 #   GPU tests at realistic sizes, the same tests once under compute-sanitizer memcheck, and the
 #   benchmark. Logs and results go to $OUT (default: bench/results/run). Short summary last.
 #
-# Environment: STAGES (default "tests sanitizer bench"), BENCH_ARGS (extra bench_gpu.py flags),
+# Environment: STAGES (default "tests sanitizer bench"; also "cache"), KEEP_FIWS=1 (tar the FlashInfer JIT cache to $OUT), BENCH_ARGS (extra bench_gpu.py flags),
 # OUT, and per-stage time limits T_TESTS / T_SAN / T_BENCH (seconds). Wheels in .whl/ (flashinfer-python, apache-tvm-ffi) are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,14 +21,30 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
 # A carried FlashInfer JIT cache must look newer than the freshly installed sources, or ninja rebuilds it.
 [ -d "$FLASHINFER_WORKSPACE_BASE" ] && find "$FLASHINFER_WORKSPACE_BASE" -type f -exec touch {} +
+# FlashInfer's JIT build (minutes of nvcc, CPU only) runs alongside the tests: the bench then
+# finds the modules built in $FLASHINFER_WORKSPACE_BASE.
+FI_PID=
+if [[ " $STAGES " == *" bench "* ]] && [[ "${BENCH_ARGS:-}" != *no-flashinfer* ]]; then
+  timeout "${T_FI:-360}" python3 bench/bench_gpu.py --warm-flashinfer-only --out /tmp/fiwarm >/tmp/fiwarm.log 2>&1 &
+  FI_PID=$!
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 summary=()
 if [[ " $STAGES " == *" tests "* ]]; then
   t0=$SECONDS
-  timeout "${T_TESTS:-300}" python3 -m pytest tests/test_triton_gpu.py -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/tests.log"
+  timeout "${T_TESTS:-300}" python3 -m pytest tests/test_triton_gpu.py tests/test_torch_cuda.py -q -p no:cacheprovider -rfE \
+    2>&1 | tee "$OUT/tests.log"
   summary+=("tests: $(tail -n 1 "$OUT/tests.log") ($((SECONDS - t0)) s)")
+fi
+if [[ " $STAGES " == *" cache "* ]]; then
+  t0=$SECONDS
+  # the request-cache benchmark, torch then triton backend (writes cache_<backend>_cuda.json)
+  for be in torch triton; do
+    timeout "${T_CACHE:-150}" python3 bench/bench_cache.py --backend $be --device cuda --batch 64 --steps 5 --out "$OUT" 2>&1
+  done | tee "$OUT/cache.log"
+  summary+=("cache bench: $((SECONDS - t0)) s")
 fi
 if [[ " $STAGES " == *" sanitizer "* ]]; then
   t0=$SECONDS
@@ -42,9 +58,10 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   t0=$SECONDS
+  [ -n "$FI_PID" ] && { wait "$FI_PID"; echo "flashinfer prebuild rc=$? (waited $((SECONDS - t0)) s):"; cat /tmp/fiwarm.log; }
   timeout "${T_BENCH:-400}" python3 bench/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^|"
   summary+=("bench: $((SECONDS - t0)) s")
-  if [ -d "$FLASHINFER_WORKSPACE_BASE/.cache" ]; then
+  if [ -n "${KEEP_FIWS:-}" ] && [ -d "$FLASHINFER_WORKSPACE_BASE/.cache" ]; then
     tar -C "$FLASHINFER_WORKSPACE_BASE" -czf "$OUT/fiws.tgz" .cache 2>/dev/null || true
   fi
 fi

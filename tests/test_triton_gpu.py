@@ -332,3 +332,62 @@ def test_fast_division_is_bit_identical_to_div_rn():
     ref = z[None, :] / temps[:, None]
     same = (out.view(torch.int32) == ref.view(torch.int32)) | (torch.isnan(out) & torch.isnan(ref))
     assert bool(same.all()), f"{int((~same).sum())} quotients differ"
+
+
+def _compiled_variants():
+    """Compiled kernel variants held by the JIT caches of every pipeline kernel."""
+    from sampling.kernels.triton import pipeline as K
+
+    n = 0
+    for name in dir(K):
+        caches = getattr(getattr(K, name), "device_caches", None)
+        if caches:
+            n += sum(len(v[0]) for v in caches.values())
+    return n
+
+
+def test_growing_histories_and_batch_sizes_compile_no_new_kernel_variants():
+    # A decode loop changes the history width every step and the batch size as requests
+    # finish; a specialisation on either (==1, multiple of 16) recompiled kernels in the demo.
+    vocab = 8192
+    rng = np.random.default_rng(5)
+    sampler = Sampler(backend="triton", seed=3)
+
+    def step(rows, width):
+        x = randn_logits(rows, vocab, seed=width)
+        out = rng.integers(0, vocab, (rows, width))
+        ids = np.concatenate([rng.integers(0, vocab, (rows, 7)), out], axis=1)
+        data = SamplingData.from_numpy(all_input_ids=ids, output_ids=out, to_tensor=cuda)
+        param = SamplingParam.from_numpy(temperature=np.full(rows, 0.7), top_k=np.full(rows, 50),
+                                         top_p=np.full(rows, 0.9), repetition_penalty=np.full(rows, 1.1),
+                                         frequency_penalty=np.full(rows, 0.2), presence_penalty=np.full(rows, 0.3),
+                                         to_tensor=cuda)
+        tok = sampler(x, data, param)[1]
+        assert bool(((tok >= 0) & (tok < vocab)).all())
+
+    step(3, 3)
+    before = _compiled_variants()
+    assert before > 0
+    for width in range(1, 41):
+        step(1 + width % 5, width)
+    assert _compiled_variants() == before
+
+
+def test_prefetched_penalty_lookups_are_bit_identical():
+    from sampling.kernels.triton import launch
+
+    rows = 8 if SMALL else 64
+    rng = np.random.default_rng(11)
+    x = randn_logits(rows, seed=11)
+    out = rng.integers(0, V, (rows, 512))
+    ids = np.concatenate([rng.integers(-5, V + 5, (rows, 1024)), out], axis=1)
+    data = SamplingData.from_numpy(all_input_ids=ids, output_ids=out, to_tensor=cuda)
+    param = SamplingParam.from_numpy(temperature=np.full(rows, 0.7), top_k=np.full(rows, 50), top_p=np.full(rows, 0.9),
+                                     min_p=np.full(rows, 0.05), repetition_penalty=np.full(rows, 1.1),
+                                     frequency_penalty=np.full(rows, 0.2), presence_penalty=np.full(rows, 0.3),
+                                     seed=np.arange(rows), to_tensor=cuda)
+    plain = Sampler(backend="triton", seed=1, logprobs_mode="processed")(x, data, param)
+    with launch.use_config(pen_prefetch=1):
+        pre = Sampler(backend="triton", seed=1, logprobs_mode="processed")(x, data, param)
+    assert torch.equal(plain[1], pre[1])
+    assert torch.equal(plain[0], pre[0])

@@ -224,6 +224,27 @@ def test_penalties_with_padding_garbage_and_counts():
         assert_same(ours, ref, n=2)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_prefetched_penalty_lookups_match_reference(fused):
+    # the scan's pipelined bitmask / penalised-value loads (two and one tiles ahead) must see
+    # the same penalties as the in-loop lookups, across tiles, chunks and a partial last tile
+    rows, vocab = 3, 203
+    rng = np.random.default_rng(9)
+    x = logits(rows, vocab, seed=9)
+    rep = rng.integers(-3, vocab + 3, (rows, 60))
+    out = rng.integers(0, vocab, (rows, 25))
+    out[:, -2:] = vocab - 1  # the last id of the partial last tile
+    data = SamplingData.from_numpy(all_input_ids=rep, output_ids=out)
+    param = SamplingParam.from_numpy(
+        repetition_penalty=np.array([1.3, 0.7, 1.2]), frequency_penalty=np.array([0.4, -0.3, 0.1]),
+        presence_penalty=np.array([0.2, 0.5, -1.0]), temperature=np.array([0.9, 1.0, 0.0]),
+        top_k=np.array([20, 0, 0]), seed=np.array([3, 4, 5]),
+    )
+    with _launch().use_config(pen_prefetch=1, **(FUSED if fused else {})):
+        ours, ref = run_both(x, param, data, mode="processed", n=3)
+    assert_same(ours, ref, n=3)
+
+
 def test_penalties_use_out_counts_and_given_positions():
     from sampling.kernels.triton import launch
 

@@ -46,6 +46,9 @@ class Config:
     #: rule, capped at fused_tiles tiles, which is not yet measured.
     fused_tiles: int = 1 << 20
     fused_min_bytes: int = 1 << 62
+    #: Scan: penalty bitmask words loaded two tiles ahead and penalised values one tile ahead
+    #: (bench/NOTES.md, v4). 0 = the lookups inside the tile's loop step.
+    pen_prefetch: int = 0
     #: Tile of the exact fallback (16 digit bins per element: keep it modest).
     fallback_tile: int = 256
     num_warps: int = 8
@@ -253,7 +256,7 @@ def run(step):
         PREP=pen, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
         NEED_S=need_s, NEED_RAW=need_raw, FUSED=fused, TILE=cfg.tile, Q=cfg.q,
-        FT=_p2(triton.cdiv(chunk_len, cfg.tile)) if fused else 1,
+        FT=_p2(triton.cdiv(chunk_len, cfg.tile)) if fused else 1, PF=bool(cfg.pen_prefetch) and pen,
         num_warps=cfg.scan_warps, enable_fp_fusion=False,
     )
     if any_trunc and not fused:

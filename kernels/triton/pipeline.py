@@ -328,7 +328,16 @@ def _position_key(
     return tl.where(has_seed, seeded, free)
 
 
-@triton.jit(do_not_specialize=["samp_lo", "samp_hi"])
+# Arguments that change from one decode step to the next are not specialised: Triton would
+# otherwise compile a new variant each time an integer crosses 1 or a multiple of 16 (history
+# widths and strides, batch size, chunk counts: every few steps of a growing history) or a
+# pointer's 16-byte alignment changes (the candidate counters are a view at offset 2 * B of
+# a workspace buffer, so their alignment flips with the parity of B; history tensors may be
+# views too). None of them is a vectorised row access.
+_HIST = ["rep_ptr", "rep_stride", "R", "out_ptr", "out_stride", "O", "cnt_ptr", "cnt_stride", "pos_ptr"]
+
+
+@triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr"] + _HIST)
 def _prep_kernel(
     x_ptr, x_stride, V, W,
     rep_ptr, rep_stride, R,
@@ -479,7 +488,7 @@ def _emit(x_row, bits_row, zpen_row, T, Y, start, end, th, b, ncand_ptr, cval_pt
         _emit_tile(z, offs, mask & (z >= th), b, ncand_ptr, cval_ptr, cidx_ptr, CAP)
 
 
-@triton.jit(do_not_specialize=["samp_lo", "samp_hi"])
+@triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr", "B", "NITEMS", "C"] + _HIST[3:])
 def _scan_kernel(
     x_ptr, x_stride, V, CH, C, B, NITEMS,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
@@ -491,7 +500,7 @@ def _scan_kernel(
     HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr,
     NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, FUSED: tl.constexpr,
-    TILE: tl.constexpr, Q: tl.constexpr, FT: tl.constexpr,
+    TILE: tl.constexpr, Q: tl.constexpr, FT: tl.constexpr, PF: tl.constexpr,
 ):
     """Persistent: program p takes work items p, p + P, ... in chunk-major order (the first
     chunk of every row, then the second, ...), so that in the FUSED mode a chunk usually finds
@@ -545,12 +554,33 @@ def _scan_kernel(
         tmaxes = tl.full([FT], float("-inf"), tl.float32)
         # one tile loaded ahead, so a load is always in flight while the previous tile computes
         xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
+        if PF:
+            # Penalty lookups software-pipelined: the bitmask word two tiles ahead, the dependent
+            # penalised value one tile ahead, so neither latency sits in the tile's critical path.
+            o0 = start + lanes
+            w0 = tl.load(bits_row + (o0 >> 5), mask=o0 < end, other=0)
+            hitn = ((w0 >> (o0 & 31)) & 1) != 0
+            zpn = tl.load(zpen_row + o0, mask=(o0 < end) & hitn, other=0.0)
+            o1 = o0 + TILE
+            wn = tl.load(bits_row + (o1 >> 5), mask=o1 < end, other=0)
         for s0 in range(start, end, TILE):
             offs = s0 + lanes
             mask = offs < end
             x = xn.to(tl.float32)
             xn = tl.load(x_row + offs + TILE, mask=offs + TILE < end, other=float("-inf"))
-            z = _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+            if PF:
+                hit = hitn
+                zp = zpn
+                o1 = offs + TILE
+                hitn = ((wn >> (o1 & 31)) & 1) != 0
+                zpn = tl.load(zpen_row + o1, mask=(o1 < end) & hitn, other=0.0)
+                o2 = o1 + TILE
+                wn = tl.load(bits_row + (o2 >> 5), mask=o2 < end, other=0)
+                z = tl.where(hit, zp, x)
+                if HAS_TEMP:
+                    z = _div(z, T, Y, FAST)
+            else:
+                z = _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
             # NaN-propagating max: one instruction flags NaN (and +inf shows in the max).
             nan_vec = tl.maximum(nan_vec, z, propagate_nan=tl.PropagateNan.ALL)
             if ANY_TRUNC:
@@ -646,7 +676,7 @@ def _scan_kernel(
 # ----------------------------------------------------------------------------- gather
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "ncand_ptr"])
 def _gather_kernel(
     x_ptr, x_stride, V, CH, C,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr,
@@ -695,7 +725,7 @@ def _gather_kernel(
 # ----------------------------------------------------------------------------- finish
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "ncand_ptr"])
 def _finish_kernel(
     x_ptr, x_stride, V, C,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
