@@ -374,6 +374,7 @@ def test_growing_histories_and_batch_sizes_compile_no_new_kernel_variants():
 
 
 def test_prefetched_penalty_lookups_are_bit_identical():
+    """The prefetching scan (the default) against the in-loop lookups, and each call repeated."""
     from sampling.kernels.triton import launch
 
     rows = 8 if SMALL else 64
@@ -386,8 +387,11 @@ def test_prefetched_penalty_lookups_are_bit_identical():
                                      min_p=np.full(rows, 0.05), repetition_penalty=np.full(rows, 1.1),
                                      frequency_penalty=np.full(rows, 0.2), presence_penalty=np.full(rows, 0.3),
                                      seed=np.arange(rows), to_tensor=cuda)
-    plain = Sampler(backend="triton", seed=1, logprobs_mode="processed")(x, data, param)
+    with launch.use_config(pen_prefetch=0):
+        plain = Sampler(backend="triton", seed=1, logprobs_mode="processed")(x, data, param)
     with launch.use_config(pen_prefetch=1):
         pre = Sampler(backend="triton", seed=1, logprobs_mode="processed")(x, data, param)
     assert torch.equal(plain[1], pre[1])
     assert torch.equal(plain[0], pre[0])
+    again = Sampler(backend="triton", seed=1, logprobs_mode="processed")(x, data, param)
+    assert torch.equal(again[0], pre[0]) and torch.equal(again[1], pre[1])

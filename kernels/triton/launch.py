@@ -40,15 +40,15 @@ class Config:
     #: Unfused mode: a chunk spans >= min_chunk_tiles tiles.
     min_chunk_tiles: int = 4
     #: Fused mode (logits larger than fused_min_bytes): the scan re-sweeps each chunk right
-    #: after its first sweep, from the L2, instead of a gather kernel re-reading the row. Off
-    #: by default: measured slower than the unfused path at B = 256 (bench/NOTES.md, v3), with
-    #: fixed 64-tile chunks (a partial second wave); chunks now follow the unfused one-wave
-    #: rule, capped at fused_tiles tiles, which is not yet measured.
+    #: after its first sweep, from the L2, instead of a gather kernel re-reading the row. Off:
+    #: with one-wave chunks it measured faster at B = 256 fp32 (S2 182 vs 195 us, S3 328 vs
+    #: 424 us) but two identical calls returned "processed" logprobs differing in the last bits
+    #: (tokens equal), an order-dependent reduction not yet found (bench/NOTES.md, v5).
     fused_tiles: int = 1 << 20
     fused_min_bytes: int = 1 << 62
     #: Scan: penalty bitmask words loaded two tiles ahead and penalised values one tile ahead
-    #: (bench/NOTES.md, v4). 0 = the lookups inside the tile's loop step.
-    pen_prefetch: int = 0
+    #: (bench/NOTES.md, v4; S4 163 vs 193 us at B = 256). 0 = the lookups inside the loop step.
+    pen_prefetch: int = 1
     #: Tile of the exact fallback (16 digit bins per element: keep it modest).
     fallback_tile: int = 256
     num_warps: int = 8
