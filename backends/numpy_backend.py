@@ -43,4 +43,5 @@ class NumpyBackend:
             call=step.call,
             logprobs_mode=step.logprobs_mode,
             num_logprobs=step.num_logprobs,
+            raise_invalid=step.raise_invalid,
         )

@@ -165,19 +165,27 @@ def sample(
     call: int = 0,
     logprobs_mode: str = "sampling",
     num_logprobs: int = 0,
+    raise_invalid: bool = True,
 ):
     """The whole pipeline. Returns ``(logprobs [B] f32, tokens [B] i64, top_ids, top_logprobs)``.
 
     ``params`` are the normalised arrays of :class:`sampling.SamplingParam`. ``rep_ids`` are the
     ids the repetition penalty sees (``all_input_ids``); ``out_ids`` (with optional per-entry
     ``out_counts``) those the frequency and presence penalties count. ``pos`` defaults to the
-    number of valid ids in ``out_ids`` (with counts: their sum).
+    number of valid ids in ``out_ids`` (with counts: their sum). With ``raise_invalid=False``
+    an invalid row is flagged instead of raising: token -1, logprob NaN (top-n: -1 / NaN).
     """
     x = np.asarray(logits).astype(np.float32)
     rows, vocab = x.shape
     z = penalize(x, params, rep_ids, out_ids, out_counts)
     zt = scale(z, params)
-    check_rows(zt)
+    bad = invalid_rows(zt)
+    if raise_invalid:
+        check_rows(zt)
+    else:
+        # Flagged rows are computed on zeros so they cannot poison anything; outputs are replaced.
+        zt = np.where(bad[:, None], np.float32(0), zt)
+        x = np.where(bad[:, None], np.float32(0), x)
     greedy = params["greedy"]
     keep = truncate(zt, params)
     keep[greedy] = True
@@ -195,4 +203,8 @@ def sample(
     top_ids = top_lp = None
     if num_logprobs:
         top_ids, top_lp = top_n(lp, num_logprobs)
+    if bad.any() and not raise_invalid:
+        tokens[bad], chosen[bad] = -1, np.nan
+        if top_ids is not None:
+            top_ids[bad], top_lp[bad] = -1, np.nan
     return chosen, tokens, top_ids, top_lp
