@@ -84,7 +84,12 @@ def occurrences(ids: torch.Tensor, counts, vocab: int):
 def frequency_presence(z, ids, counts, f, p) -> torch.Tensor:
     """z - f * count, then - p, at every id counted at least once."""
     rows, vocab = z.shape
-    sorted_ids, cnt = occurrences(ids, counts, vocab)
+    if counts is None:
+        sorted_ids, cnt = occurrences(ids, counts, vocab)
+    else:
+        # The cache's table: distinct ids with their counts, so nothing to sort or sum.
+        sorted_ids = torch.where((ids >= 0) & (ids < vocab), ids, torch.full_like(ids, vocab))
+        cnt = counts.to(torch.int64)
     hit = (sorted_ids < vocab) & (cnt > 0)
     target = torch.where(hit, sorted_ids, torch.full_like(sorted_ids, vocab))
     wide, _, _ = _widened(z, target)

@@ -18,7 +18,7 @@ class Step:
 
     Penalty inputs: ``rep_ids`` [B, R] are the ids the repetition penalty sees; ``out_ids`` [B, O]
     those the frequency / presence penalties count, each entry counting ``out_counts`` times
-    (1 when None). Ids outside [0, V) are padding. ``positions`` [B] is the stream position;
+    (1 when None). With ``out_counts`` the valid ids of a row are distinct (the cache's table). Ids outside [0, V) are padding. ``positions`` [B] is the stream position;
     when None it is the (weighted) number of valid ``out_ids``.
     """
 
