@@ -68,12 +68,11 @@ def repetition(z: torch.Tensor, ids: torch.Tensor, r: torch.Tensor) -> torch.Ten
     return wide[:, : z.shape[1]]
 
 
-def occurrences(ids: torch.Tensor, counts, vocab: int):
-    """Sorted ids (padding mapped to V) and, per entry, the total count of its id in the row."""
+def occurrences(ids: torch.Tensor, vocab: int):
+    """Sorted ids (padding mapped to V) and, per entry, the number of times its id occurs in the row."""
     valid = (ids >= 0) & (ids < vocab)
     safe = torch.where(valid, ids, torch.full_like(ids, vocab))
-    w = torch.ones_like(ids) if counts is None else counts.to(torch.int64)
-    w = torch.where(valid, w, torch.zeros_like(w))
+    w = valid.to(torch.int64)
     sorted_ids, order = torch.sort(safe, dim=1)
     csum = torch.nn.functional.pad(torch.cumsum(w.gather(1, order), dim=1), (1, 0))
     left = torch.searchsorted(sorted_ids, sorted_ids, side="left")
@@ -85,7 +84,7 @@ def frequency_presence(z, ids, counts, f, p) -> torch.Tensor:
     """z - f * count, then - p, at every id counted at least once."""
     rows, vocab = z.shape
     if counts is None:
-        sorted_ids, cnt = occurrences(ids, counts, vocab)
+        sorted_ids, cnt = occurrences(ids, vocab)
     else:
         # The cache's table: distinct ids with their counts, so nothing to sort or sum.
         sorted_ids = torch.where((ids >= 0) & (ids < vocab), ids, torch.full_like(ids, vocab))

@@ -75,10 +75,8 @@ class _Ops:
     def arange(self, n):
         return np.arange(n) if self.kind == "numpy" else self.torch.arange(n, device=self.device)
 
-    def to_host(self, x) -> np.ndarray:
-        if self.kind == "numpy":
-            return np.asarray(x)
-        return x.cpu().numpy()
+    def copy(self, x):
+        return x.copy() if self.kind == "numpy" else x.clone()
 
 
 @dataclass
@@ -374,8 +372,8 @@ class RequestCache:
                 continue
             n = int(table.bound[i])
             self.entries[rid].parked = _Parked(
-                ids=table.ids[i, :n].copy() if table.ops.kind == "numpy" else table.ids[i, :n].clone(),
-                flags=table.flags[i, :n].copy() if table.ops.kind == "numpy" else table.flags[i, :n].clone(),
+                ids=table.ops.copy(table.ids[i, :n]),
+                flags=table.ops.copy(table.flags[i, :n]),
                 position=table.positions[i : i + 1] + 0,
                 last=None if table.last is None else table.last[i : i + 1] + 0,
                 bound=n,
