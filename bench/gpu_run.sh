@@ -3,7 +3,7 @@
 #   GPU tests at realistic sizes, the same tests once under compute-sanitizer memcheck, and the
 #   benchmark. Logs and results go to $OUT (default: bench/results/run). Short summary last.
 #
-# Environment: STAGES (default "tests sanitizer bench"; also "cache"), KEEP_FIWS=1 (tar the FlashInfer JIT cache to $OUT), BENCH_ARGS (extra bench_gpu.py flags),
+# Environment: STAGES (default "tests sanitizer bench"; also "cache" and "fibuild"), BENCH_ARGS (extra bench_gpu.py flags),
 # OUT, and per-stage time limits T_TESTS / T_SAN / T_BENCH (seconds). Wheels in .whl/ (flashinfer-python, apache-tvm-ffi) are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,20 +12,23 @@ STAGES=${STAGES:-"tests sanitizer bench"}
 mkdir -p "$OUT"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a
-export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-$PWD/.fiws}
+export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/fiws}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # (at most 8 files come back from $OUT: keep logs few)
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
-# A carried FlashInfer JIT cache must look newer than the freshly installed sources, or ninja rebuilds it.
-[ -d "$FLASHINFER_WORKSPACE_BASE" ] && find "$FLASHINFER_WORKSPACE_BASE" -type f -exec touch {} +
-# FlashInfer's JIT build (minutes of nvcc, CPU only) runs alongside the tests: the bench then
-# finds the modules built in $FLASHINFER_WORKSPACE_BASE.
+# FlashInfer compiles its kernels with nvcc on first use (minutes). Modules built once (stage
+# "fibuild", which returns them in $OUT) are carried in .fiaot/<name>/<name>.so and placed in
+# FlashInfer's AOT directory, which it loads without asking ninja (a carried ninja cache was
+# rebuilt anyway: bench/NOTES.md, v4).
+if [ -d .fiaot ] && [ -d /tmp/site/flashinfer ]; then
+  mkdir -p /tmp/site/flashinfer/data/aot && cp -r .fiaot/. /tmp/site/flashinfer/data/aot/
+fi
 FI_PID=
-if [[ " $STAGES " == *" bench "* ]] && [[ "${BENCH_ARGS:-}" != *no-flashinfer* ]]; then
-  timeout "${T_FI:-360}" python3 bench/bench_gpu.py --warm-flashinfer-only --out /tmp/fiwarm >/tmp/fiwarm.log 2>&1 &
+if [[ " $STAGES " == *" fibuild "* ]]; then
+  timeout "${T_FI:-560}" python3 bench/bench_gpu.py --warm-flashinfer-only --dtypes float32 --out /tmp/fiwarm >/tmp/fiwarm.log 2>&1 &
   FI_PID=$!
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
@@ -58,12 +61,13 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   t0=$SECONDS
-  [ -n "$FI_PID" ] && { wait "$FI_PID"; echo "flashinfer prebuild rc=$? (waited $((SECONDS - t0)) s):"; cat /tmp/fiwarm.log; }
-  timeout "${T_BENCH:-400}" python3 bench/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^|"
+  FLASHINFER_DISABLE_JIT=${FLASHINFER_DISABLE_JIT:-1} timeout "${T_BENCH:-400}" python3 bench/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^|"
   summary+=("bench: $((SECONDS - t0)) s")
-  if [ -n "${KEEP_FIWS:-}" ] && [ -d "$FLASHINFER_WORKSPACE_BASE/.cache" ]; then
-    tar -C "$FLASHINFER_WORKSPACE_BASE" -czf "$OUT/fiws.tgz" .cache 2>/dev/null || true
-  fi
+fi
+if [ -n "$FI_PID" ]; then
+  t0=$SECONDS; wait "$FI_PID"; echo "flashinfer build rc=$? (waited $((SECONDS - t0)) s):"; cat /tmp/fiwarm.log
+  for so in $(find "$FLASHINFER_WORKSPACE_BASE" -name "*.so"); do cp "$so" "$OUT/"; done
+  summary+=("flashinfer modules built: $(cd "$OUT" && ls *.so 2>/dev/null | tr '\n' ' ')")
 fi
 echo "================ summary ================"
 printf '%s\n' "${summary[@]}"
