@@ -122,36 +122,36 @@ def test_stream_matches_numpy_bit_for_bit():
 
 # ----------------------------------------------------------------------------- code paths
 
-FUSED = dict(fused_min_bytes=0, fused_tiles=2)
+#: V = 200 <= 256 sampled values: the pivot is the exact (k + J0)-th largest value.
+WHOLE = dict(sample=256)
 
 # name: (param kwargs, config overrides, expected row status after the call:
 #        0 = finished by the plain pass or the candidate path, 2 = finished by the fallback)
 PATHS = {
     "plain": (dict(temperature=[0.7, 1.0, 1.3, 0.5]), {}, [0, 0, 0, 0]),
     "greedy": (dict(temperature=[0.0, 0.0, 0.7, 0.0]), {}, [0, 0, 0, 0]),
-    "top_k": (dict(top_k=[1, 3, 10, 16], temperature=[0.8, 1.0, 1.0, 2.0]), {}, [0, 0, 0, 0]),
-    "top_k_top_p": (dict(top_k=[5, 12, 20, 3], top_p=[0.9, 0.5, 0.99, 0.3]), {}, [0, 0, 0, 0]),
+    "top_k": (dict(top_k=[1, 3, 10, 16], temperature=[0.8, 1.0, 1.0, 2.0]), WHOLE, [0, 0, 0, 0]),
+    "top_k_top_p": (dict(top_k=[5, 12, 20, 3], top_p=[0.9, 0.5, 0.99, 0.3]), WHOLE, [0, 0, 0, 0]),
+    "top_k_min_p": (dict(top_k=[10, 4, 60, 2], min_p=[0.1, 0.0, 0.3, 0.01]), WHOLE, [0, 0, 0, 0]),
+    # min-p's pivot (sample max + log min_p) is a proven bound: never a fallback
     "min_p": (dict(min_p=[0.05, 0.5, 0.0, 1.0], temperature=[1.0, 0.5, 1.0, 1.0]), {}, [0, 0, 0, 0]),
-    "top_k_min_p": (dict(top_k=[10, 4, 60, 2], min_p=[0.1, 0.0, 0.3, 0.01]), {}, [0, 0, 0, 0]),
-    # top-p without top-k has no bound from one pass: the radix fallback finishes the row
-    "top_p_fallback": (dict(top_p=[0.9, 0.3, 0.999, 0.05]), {}, [2, 2, 2, 2]),
-    "top_p_min_p_fallback": (dict(top_p=[0.8, 0.95, 0.5, 1.0], min_p=[0.05, 0.1, 0.0, 0.2]), {}, [2, 2, 2, 0]),
-    # more candidates than slots
-    "overflow_fallback": (dict(top_k=[30, 25, 20, 28], top_p=[0.9, 1.0, 0.7, 0.95]), dict(cap=16), [2, 2, 2, 2]),
-    # k above the lanes of a tile: only the union of the chunks' published maxima bounds it
-    "union_bound_only": (dict(top_k=[40, 36, 45, 35], top_p=[0.9, 1.0, 0.8, 0.95]), dict(q=8, programs_per_sm=16), [0, 0, 0, 0]),
-    # k above both bounds
-    "k_beyond_bounds": (dict(top_k=[100, 150, 120, 90], top_p=[0.95, 0.9, 1.0, 0.8]), dict(q=2), [2, 2, 2, 2]),
-    # one chunk per row: only the lane-maxima bound (k <= tile)
-    "one_chunk": (dict(top_k=[8, 5, 3, 1], top_p=[1.0, 0.9, 1.0, 0.5]), dict(programs_per_sm=1), [0, 0, 0, 0]),
-    # fused mode (large batches on the GPU): one read, each chunk re-swept for candidates with
-    # the best bound published so far by the row's chunks
-    "fused_top_k_top_p": (dict(top_k=[5, 12, 9, 3], top_p=[0.9, 0.5, 0.99, 0.3]), FUSED, [0, 0, 0, 0]),
-    "fused_top_k_min_p": (dict(top_k=[10, 4, 60, 2], min_p=[0.1, 0.0, 0.3, 0.01]), FUSED, [0, 0, 0, 0]),
-    "fused_min_p": (dict(min_p=[0.05, 0.5, 0.2, 1.0], temperature=[1.0, 0.5, 1.0, 1.0]), FUSED, [0, 0, 0, 0]),
-    "fused_top_p_fallback": (dict(top_p=[0.9, 0.3, 0.999, 1.0], top_k=[0, 0, 0, 7]), FUSED, [2, 2, 2, 0]),
-    "fused_overflow": (dict(top_k=[30, 25, 20, 28], top_p=[0.9, 1.0, 0.7, 0.95]), dict(FUSED, cap=16), [2, 2, 2, 2]),
-    "fused_k_beyond_tile": (dict(top_k=[40, 50, 33, 3]), FUSED, [2, 2, 2, 0]),
+    # top-p without top-k: candidates from a sampled guess of the nucleus, verified by their mass
+    # against the row's (the scan's log-sum-exp); a nucleus wider than the guess (p = 0.999)
+    # takes the radix fallback
+    "top_p_min_p": (dict(top_p=[0.8, 0.95, 0.5, 1.0], min_p=[0.05, 0.1, 0.0, 0.2]), {}, [0, 0, 0, 0]),
+    "top_p": (dict(top_p=[0.9, 0.3, 0.999, 0.05]), {}, [0, 0, 2, 0]),
+    # a pivot from 64 of the 200 values (runs of 8), verified by the count of candidates
+    "sampled_pivot": (dict(top_k=[1, 3, 10, 16], top_p=[1.0, 0.9, 0.8, 1.0]), {}, [0, 0, 0, 0]),
+    # no margin in the pivot's rank: some guesses land above the k-th value and are caught
+    "pivot_above_kth": (dict(top_k=[6, 9, 12, 15]), dict(pivot_j0=0), [0, 0, 2, 2]),
+    # more candidates expected than slots: no emission, straight to the fallback
+    "k_beyond_slots": (dict(top_k=[30, 25, 20, 28], top_p=[0.9, 1.0, 0.7, 0.95]), dict(WHOLE, cap=16), [2, 2, 2, 2]),
+    # more candidates found than slots (flat rows, a low min-p cut)
+    "row_overflow": (dict(min_p=[0.01, 0.02, 0.05, 0.01], temperature=[9.0, 9.0, 9.0, 9.0]), dict(cap=16), [2, 2, 2, 2]),
+    # a work item finds more than its private slots
+    "item_overflow": (dict(top_k=[5, 12, 20, 3]), dict(WHOLE, item_slots=2, item_share=0), [2, 2, 2, 2]),
+    # one chunk per row
+    "one_chunk": (dict(top_k=[8, 5, 3, 1], top_p=[1.0, 0.9, 1.0, 0.5]), dict(WHOLE, programs_per_sm=1), [0, 0, 0, 0]),
 }
 
 
@@ -224,8 +224,8 @@ def test_penalties_with_padding_garbage_and_counts():
         assert_same(ours, ref, n=2)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_prefetched_penalty_lookups_match_reference(fused):
+@pytest.mark.parametrize("sample", [64, 256])
+def test_prefetched_penalty_lookups_match_reference(sample):
     # the scan's pipelined bitmask / penalised-value loads (two and one tiles ahead) must see
     # the same penalties as the in-loop lookups, across tiles, chunks and a partial last tile
     rows, vocab = 3, 203
@@ -240,7 +240,8 @@ def test_prefetched_penalty_lookups_match_reference(fused):
         presence_penalty=np.array([0.2, 0.5, -1.0]), temperature=np.array([0.9, 1.0, 0.0]),
         top_k=np.array([20, 0, 0]), seed=np.array([3, 4, 5]),
     )
-    with _launch().use_config(pen_prefetch=1, **(FUSED if fused else {})):
+    # the pivot reads penalised values that the same prep program wrote just before
+    with _launch().use_config(pen_prefetch=1, sample=sample):
         ours, ref = run_both(x, param, data, mode="processed", n=3)
     assert_same(ours, ref, n=3)
 
@@ -395,9 +396,9 @@ def test_float32_gumbel_keys_differ_only_at_near_ties():
     dtype=st.sampled_from(sorted(DTYPES)),
     mode=st.sampled_from(["sampling", "processed", "raw"]),
     pen=st.booleans(),
-    fused=st.booleans(),
+    sample=st.sampled_from([16, 64, 256]),
 )
-def test_random_batches_match_reference(rows, vocab, seed, scale, ties, dtype, mode, pen, fused):
+def test_random_batches_match_reference(rows, vocab, seed, scale, ties, dtype, mode, pen, sample):
     rng = np.random.default_rng(seed)
     x = logits(rows, vocab, scale=scale, seed=seed, ties=ties)
     data = None
@@ -418,6 +419,6 @@ def test_random_batches_match_reference(rows, vocab, seed, scale, ties, dtype, m
         else rng.choice([-1, 0, 99], rows),
     )
     n = int(rng.integers(0, min(vocab, 4) + 1))
-    with _launch().use_config(**(FUSED if fused else {})):
+    with _launch().use_config(sample=sample):
         ours, ref = run_both(x, param, data, dtype=dtype, mode=mode, n=n)
     assert_same(ours, ref, n=n)

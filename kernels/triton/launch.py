@@ -28,37 +28,39 @@ class Config:
     #: per-tile reductions are shuffles without block barriers).
     tile: int = 256
     scan_warps: int = 1
-    #: Tile and warps of the other full-row kernels (gather, top-n keys).
-    gather_tile: int = 1024
-    gather_warps: int = 4
-    #: Lane maxima each chunk publishes for the cross-chunk top-k bound.
-    q: int = 8
-    #: Candidate slots per row; more candidates send the row to the fallback kernel.
-    cap: int = 1024
+    #: Tile and warps of the top-n keys kernel.
+    row_tile: int = 1024
+    row_warps: int = 4
+    #: Sampled values per row for the pivot (a power of two, runs of 8 neighbours), and the
+    #: margin J0 of its rank: the pivot is the (ceil(k * sample / V) + J0)-th largest sampled
+    #: value, so a row holds about (that rank) * V / sample candidates; the chance of fewer
+    #: than k is about P(Gamma(J0) < 1), ~1e-10 for J0 = 12 (bench/NOTES.md, v6).
+    sample: int = 4096
+    pivot_j0: int = 12
+    #: Candidate slots per row; more candidates send the row to the fallback.
+    cap: int = 2048
+    #: Private candidate slots per scan work item: item_share x its even share of ``cap``,
+    #: at least item_slots (and at most ``cap``); an item that finds more sends its row to the
+    #: fallback.
+    item_share: int = 4
+    item_slots: int = 256
     #: Persistent scan programs per SM (the scan grid is SMs x this, or the work items).
     programs_per_sm: int = 16
-    #: Unfused mode: a chunk spans >= min_chunk_tiles tiles.
+    #: A chunk spans >= min_chunk_tiles tiles.
     min_chunk_tiles: int = 4
-    #: Fused mode (logits larger than fused_min_bytes): the scan re-sweeps each chunk right
-    #: after its first sweep, from the L2, instead of a gather kernel re-reading the row. Off:
-    #: with one-wave chunks it measured faster at B = 256 fp32 (S2 182 vs 195 us, S3 328 vs
-    #: 424 us) but two identical calls returned "processed" logprobs differing in the last bits
-    #: (tokens equal), an order-dependent reduction not yet found (bench/NOTES.md, v5).
-    fused_tiles: int = 1 << 20
-    fused_min_bytes: int = 1 << 62
     #: Scan: penalty bitmask words loaded two tiles ahead and penalised values one tile ahead
     #: (bench/NOTES.md, v4; S4 163 vs 193 us at B = 256). 0 = the lookups inside the loop step.
     pen_prefetch: int = 1
     #: Tile of the exact fallback (16 digit bins per element: keep it modest).
     fallback_tile: int = 256
-    num_warps: int = 8
     finish_warps: int = 4
+    prep_warps: int = 4
 
 
 GPU_CONFIG = Config()
 #: Small shapes under TRITON_INTERPRET=1, so that CPU tests visit every code path.
-INTERPRET_CONFIG = Config(tile=32, scan_warps=1, gather_tile=32, gather_warps=1, q=4, cap=64, programs_per_sm=2,
-                          min_chunk_tiles=1, fused_tiles=2, fused_min_bytes=1 << 60, fallback_tile=32, num_warps=4)
+INTERPRET_CONFIG = Config(tile=32, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64, item_slots=16,
+                          programs_per_sm=2, min_chunk_tiles=1, fallback_tile=32)
 
 _override: Optional[Config] = None
 #: Tests set this to a dict to receive a copy of each row's status after the call
@@ -107,13 +109,20 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _workspace(state: Dict[str, Any], device, rows: int, vocab: int, chunks: int, cfg: Config, pen: bool):
+def _item_slots(chunks: int, cfg: Config) -> int:
+    return min(cfg.cap, max(cfg.item_slots, _p2(cfg.item_share * cfg.cap // chunks)))
+
+
+def _workspace(state: Dict[str, Any], device, rows: int, vocab: int, chunks: int, cfg: Config, pen: bool,
+               trunc: bool):
     """Per-shape scratch buffers, kept in the sampler's state so graph replays reuse them."""
-    key = ("ws", device, rows, vocab, chunks, cfg.q, cfg.cap, pen)
+    key = ("ws", device, rows, vocab, chunks, cfg.cap, _item_slots(chunks, cfg), pen, trunc)
     ws = state.get(key)
     if ws is None:
         n = rows * chunks
         words = triton.cdiv(vocab, 32)
+        slots = n * _item_slots(chunks, cfg) if trunc else 1
+        cands = rows * cfg.cap if trunc else 1
 
         def e(size, dtype):
             return torch.empty(size, dtype=dtype, device=device)
@@ -121,20 +130,14 @@ def _workspace(state: Dict[str, Any], device, rows: int, vocab: int, chunks: int
         ws = dict(
             cm=e(n, torch.float32), cs=e(n, torch.float64), crm=e(n, torch.float32), crs=e(n, torch.float64),
             cflag=e(n, torch.int32), ckey=e(n, torch.float32), cid=e(n, torch.int32),
-            cth=e(n, torch.float32), clist=e(n * cfg.q, torch.float32),
-            theta=e(rows, torch.float32),
-            cval=e(rows * cfg.cap, torch.float32), cidx=e(rows * cfg.cap, torch.int32),
+            theta=e(rows, torch.float32), ncand=e(rows, torch.int32),
+            pv=e(slots, torch.float32), pi=e(slots, torch.int32),
+            cval=e(cands, torch.float32), cidx=e(cands, torch.int32),
             rowkey=e(rows, torch.int64), status=e(rows, torch.int32), tau=e(rows, torch.float32),
             lse=e(rows, torch.float64),
             bits=e(rows * words if pen else 1, torch.int32), obits=e(rows * words if pen else 1, torch.int32),
             zpen=e(rows * vocab if pen else 1, torch.float32),
-            # [row-level bound keys | row max keys | candidate counters], reset before a fused scan
-            glob=e(3 * rows, torch.int32),
         )
-        init = torch.full((3 * rows,), int(K.KEY_NEG_INF), dtype=torch.int32)
-        init[2 * rows :] = 0
-        ws["glob0"] = init.to(device)
-        ws["ncand"] = ws["glob"][2 * rows :]
         state[key] = ws
     return ws
 
@@ -199,23 +202,19 @@ def run(step):
         ((host["frequency_penalty"] != 0) | (host["presence_penalty"] != 0)).any()
     )
     pen = pen_rep or pen_out
-    need_s = mode == 1 or any_plain
+    # row sums: for "processed" log-probabilities, plain rows, and the total mass of top-p
+    # rows without top-k (the finish checks that their candidates hold the nucleus)
+    need_s = mode == 1 or any_plain or bool((trunc & ~active_k & (host["top_p"] < 1)).any())
     need_raw = mode == 2
 
     fast = dev.type == "cuda" and bool(
         ((host["temperature"] >= 2.0**-20) & (host["temperature"] <= 2.0**20)).all()
     )
-    fused = any_trunc and rows * vocab * x.element_size() >= cfg.fused_min_bytes
     nprog = cfg.programs_per_sm * _sms(dev)
     chunks, chunk_len = _chunking(rows, vocab, cfg, nprog)
-    if fused and chunk_len > cfg.fused_tiles * cfg.tile:
-        chunk_len = cfg.fused_tiles * cfg.tile
-        chunks = triton.cdiv(vocab, chunk_len)
     nitems = rows * chunks
     nprog = min(nitems, nprog)
-    ws = _workspace(step.state, dev, rows, vocab, chunks, cfg, pen)
-    if fused:
-        ws["glob"].copy_(ws["glob0"])
+    ws = _workspace(step.state, dev, rows, vocab, chunks, cfg, pen, any_trunc)
     counter = _call_counter(step.state, dev, step.call)
     dummy = ws["status"]
     ctmp = torch.empty(rows * O if pen_out else 1, dtype=torch.int32, device=dev)
@@ -233,7 +232,9 @@ def run(step):
     )
     seeds = (P["has_seed"], P["seed_lo"], P["seed_hi"], seed & 0xFFFFFFFF, seed >> 32, counter)
     hflags = dict(HAS_OUT=out is not None, HAS_COUNTS=cnt is not None, HAS_POS=positions is not None)
-    if pen:
+    common = (P["temperature"], P["greedy"], P["top_k"], P["top_p"], P["min_p"])
+    prep = pen or any_trunc
+    if prep:
         K._prep_kernel[(rows,)](
             x, x.stride(0), vocab, words,
             rep if rep is not None else dummy, rep_stride, R,
@@ -242,42 +243,33 @@ def run(step):
             *seeds,
             ws["bits"], ws["obits"], ws["zpen"], ctmp,
             ws["rowkey"], ws["ncand"],
+            *common, ws["theta"], cfg.cap,
             HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, **hflags,
+            PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
             BL=16 if interpreting() else 256, BW=16 if interpreting() else 1024,
-            num_warps=4, enable_fp_fusion=False,
+            num_warps=cfg.prep_warps, enable_fp_fusion=False,
         )
-    common = (P["temperature"], P["greedy"], P["top_k"], P["top_p"], P["min_p"])
     K._scan_kernel[(nprog,)](
         x, x.stride(0), vocab, chunk_len, chunks, rows, nitems,
         *common, ws["rowkey"],
         ws["bits"], words, ws["zpen"],
-        ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"], ws["cth"], ws["clist"],
-        *hist, *seeds, ws["ncand"], ws["glob"], ws["cval"], ws["cidx"], cfg.cap,
-        PREP=pen, **hflags,
+        ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
+        *hist, *seeds, ws["theta"], ws["ncand"], ws["pv"], ws["pi"], _item_slots(chunks, cfg),
+        ws["cval"], ws["cidx"], cfg.cap,
+        PREP=prep, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, FUSED=fused, TILE=cfg.tile, Q=cfg.q,
-        FT=_p2(triton.cdiv(chunk_len, cfg.tile)) if fused else 1, PF=bool(cfg.pen_prefetch) and pen,
+        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen,
         num_warps=cfg.scan_warps, enable_fp_fusion=False,
     )
-    if any_trunc and not fused:
-        K._gather_kernel[(rows, chunks)](
-            x, x.stride(0), vocab, chunk_len, chunks,
-            *common,
-            ws["bits"], words, ws["zpen"],
-            ws["cm"], ws["cflag"], ws["cth"], ws["clist"],
-            ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], cfg.cap,
-            HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, TILE=cfg.gather_tile, Q=cfg.q, CP=_p2(chunks),
-            LP=_p2(chunks * cfg.q), num_warps=cfg.gather_warps, enable_fp_fusion=False,
-        )
     K._finish_kernel[(rows,)](
         x, x.stride(0), vocab, chunks,
         *common, ws["rowkey"],
         ws["bits"], words, ws["zpen"],
-        ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"], ws["cth"],
+        ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
         ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], cfg.cap,
         tok, lp, ws["status"], ws["tau"], ws["lse"], counter,
         MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, FUSED=fused, CP=_p2(chunks), CAPP=_p2(cfg.cap),
+        NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(chunks), CAPP=_p2(cfg.cap),
         FB_TILE=cfg.fallback_tile, num_warps=cfg.finish_warps, enable_fp_fusion=False,
     )
     if DEBUG is not None:
@@ -299,8 +291,8 @@ def run(step):
             x, x.stride(0), vocab, chunk_len,
             *common,
             ws["bits"], words, ws["zpen"], ws["tau"], keys,
-            MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, TILE=cfg.gather_tile,
-            num_warps=cfg.gather_warps, enable_fp_fusion=False,
+            MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, TILE=cfg.row_tile,
+            num_warps=cfg.row_warps, enable_fp_fusion=False,
         )
         best = torch.topk(keys, n, dim=1).values
         ids = 2147483647 - (best & 0xFFFFFFFF)

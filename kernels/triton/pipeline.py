@@ -3,30 +3,32 @@
 A call is a fixed sequence of launches whose grids depend only on ``B``, ``V`` and host-side
 flags, with no device-to-host synchronisation, so it can be captured in a CUDA graph:
 
-``prep`` (grid B, only with penalties; otherwise the scan derives the row keys itself)
-    Stream position and key of each row, and a sparse penalty table built from the history
-    ids in O(B*L): a bitmask ``bits[B, ceil(V/32)]`` of penalised tokens and their penalised
-    values in ``zpen[B, V]`` (written only at those tokens, never cleared or read elsewhere).
-``scan`` (persistent, one warp per program; the one full read)
+``prep`` (grid B; only with penalties or truncated rows, otherwise the scan derives the keys)
+    Stream position and key of each row; a sparse penalty table built from the history ids in
+    O(B*L): a bitmask ``bits[B, ceil(V/32)]`` of penalised tokens and their penalised values in
+    ``zpen[B, V]`` (written only at those tokens, never cleared or read elsewhere); and for
+    truncated rows a *pivot* ``theta``: a guess of a lower bound of the truncation threshold,
+    from a strided sample of the row (the j-th largest of ~4096 sampled values, j chosen so the
+    row holds a few hundred values above it), and for min-p rows the proven bound
+    ``max(sample) + log(min_p)``.
+``scan`` (persistent, one warp per program; the one read of the logits)
     Work items are (row, chunk). Each computes the penalised, tempered values ``z`` once:
     flags for NaN / +inf / no finite value, the chunk max, the log-sum-exp ("others" against a
     running max) when needed, the Gumbel-max argmax for rows without truncation (the noise's
-    logs are skipped wherever they cannot change the winner), and for truncated rows lower
-    bounds on the top-k threshold. In the fused mode the chunk is swept again right away from
-    the L2 to emit its candidates.
-``gather`` (grid B x C, unfused mode, truncated rows only)
-    One row-wide bound, then every element with ``z >= theta`` joins a small candidate list.
+    logs are skipped wherever they cannot change the winner), and for truncated rows every
+    element with ``z >= theta`` is appended to the item's private candidate slots (no atomics in
+    the loop); at the end of the item one atomic reserves room in the row's candidate list and
+    the slots are copied there.
 ``finish`` (grid B)
-    Exact top-k / top-p / min-p on the candidates by bisection over float keys (no sort),
-    float64 Gumbel-max over survivors, log-probabilities. Rows whose candidate set was
-    unbounded (top-p without top-k) or overflowed take the fallback in the same program: an
-    exact radix select over the full row (16 bins a pass), then one sampling pass.
-
-Why the bounds are sound: the per-lane running maxima of a chunk are distinct elements of
-the row, and the k-th largest of any subset is <= the k-th largest of the whole row, so every
-element the truncation can keep is a candidate. Each chunk also publishes its ``Q`` largest
-lane maxima; the k-th largest of their union is again a lower bound, and a tight one when a
-row is split over many chunks (small batches). Min-p alone bounds by m + log(min_p).
+    Verifies the pivot: the candidates hold every survivor if at least k of them were found
+    (then the k-th largest value is >= theta) or theta is below the min-p cut of the row's true
+    max. Then exact top-k / top-p / min-p on the candidates by bisection over float keys (no
+    sort), float64 Gumbel-max over survivors, log-probabilities. Masses are summed as integers
+    (fixed point, 2**-40), so the result does not depend on the order in which chunks appended
+    their candidates. Rows the pivot does not cover (top-p alone, a guess above the k-th value,
+    more candidates than slots) take the exact fallback in the same program: a radix select over
+    the full row (16 bins a pass), then one sampling pass. The choice of path depends only on
+    the data, never on timing, so identical calls give identical bits.
 """
 
 from __future__ import annotations
@@ -71,20 +73,32 @@ def _ofloat(key):
 
 
 @triton.jit
-def _kth_key(keys, valid, k):
-    """The k-th largest of ``keys`` over ``valid`` lanes (needs 1 <= k <= count(valid)).
+def _kth_key(keys, valid, k, STEPS: tl.constexpr):
+    """A key ``lo`` with at least k ``valid`` keys >= lo (needs 1 <= k <= count(valid)).
 
-    Bisection on the int32 key space: 32 counting reductions, exact, no sort.
+    Bisection on the int32 key space, no sort: after 32 steps ``lo`` is exactly the k-th
+    largest key; fewer steps give a slightly lower key (still a lower bound), cheaper.
     """
     lo = tl.min(tl.where(valid, keys, INT32_MAX)).to(tl.int64)
     hi = tl.max(tl.where(valid, keys, INT32_MIN)).to(tl.int64)
-    for _ in range(32):
+    for _ in range(STEPS):
         mid = lo + (hi - lo + 1) // 2
         c = tl.sum((valid & (keys >= mid.to(tl.int32))).to(tl.int32))
         ok = c >= k
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
     return lo.to(tl.int32)
+
+
+#: Masses are summed as integers in units of 2**-40 (each term <= 1, at most 2**23 terms),
+#: so sums are exact and independent of the order of the terms.
+FIX = tl.constexpr(1099511627776.0)
+
+
+@triton.jit
+def _fix(w):
+    """float64 mass in [0, 1] -> int64 fixed point (round to nearest)."""
+    return (w * FIX + 0.5).to(tl.int64)
 
 
 @triton.jit
@@ -349,8 +363,10 @@ def _prep_kernel(
     samp_lo, samp_hi, call_ptr,
     bits_ptr, obits_ptr, zpen_ptr, ctmp_ptr,
     rowkey_ptr, ncand_ptr,
+    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, CAP,
     HAS_REP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
-    PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr,
+    PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, PIVOT: tl.constexpr, HAS_TEMP: tl.constexpr,
+    FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr,
     BL: tl.constexpr, BW: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -453,39 +469,80 @@ def _prep_kernel(
                 ok = (t >= 0) & (t < V) & (i < O)
                 ts = tl.where(ok, t, 0).to(tl.int32)
                 tl.atomic_or(bits_row + (ts >> 5), tl.full([BL], 1, tl.int32) << (ts & 31), mask=ok, sem="relaxed")
+    if PIVOT:
+        if PEN_REP or PEN_OUT:
+            tl.debug_barrier()
+        _pivot(x_ptr + b64 * x_stride, bits_ptr + b64 * W, zpen_ptr + b64 * V, b, V,
+               temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, CAP,
+               PEN_REP or PEN_OUT, HAS_TEMP, FAST, NS, J0)
+
+
+@triton.jit
+def _pivot(x_row, bits_row, zpen_row, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, CAP,
+           HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr):
+    """The row's candidate threshold ``theta`` (+inf: no candidates, the row takes the fallback).
+
+    The sample is NS values: NS / 8 runs of 8 neighbours spread evenly over the row (whole
+    32-byte sectors), or the whole row when V <= NS. With top-k, theta is the j-th largest
+    sampled value, j = ceil(k * NS / V) + J0: the row then holds about j * V / NS values above
+    theta, at least k of them unless the sample was very unlucky (the finish verifies it).
+    With min-p, max(sample) + log(min_p) (minus rounding slack) is a proven bound, since the
+    sample's max is at most the row's.
+    """
+    greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
+    th = tl.full([], float("inf"), tl.float32)
+    if trunc:
+        T = tl.load(temp_ptr + b)
+        Y = _recip(T, FAST)
+        i = tl.arange(0, NS)
+        full = V <= NS
+        spread = ((i >> 3).to(tl.int64) * V // (NS // 8)).to(tl.int32) + (i & 7)
+        pos = tl.where(full, i, spread)
+        mask = pos < V
+        x = tl.load(x_row + pos, mask=mask, other=float("-inf")).to(tl.float32)
+        z = x
+        if HAS_PEN:
+            # this program wrote the table (atomics land in the L2): bypass the L1
+            word = tl.load(bits_row + (pos >> 5), mask=mask, other=0, cache_modifier=".cg")
+            hit = ((word >> (pos & 31)) & 1) != 0
+            zp = tl.load(zpen_row + pos, mask=mask & hit, other=0.0, cache_modifier=".cg")
+            z = tl.where(hit, zp, z)
+        if HAS_TEMP:
+            z = _div(z, T, Y, FAST)
+        valid = mask & (z == z) & (z > float("-inf"))
+        nvalid = tl.sum(valid.to(tl.int32))
+        ns = tl.minimum(V, NS)
+        if active_k & (nvalid > 0):
+            j = tl.minimum((k * ns + V - 1) // V + J0, nvalid)
+            # expected candidates ~ j * V / ns: beyond the slots, skip straight to the fallback
+            if j * (V // ns) <= CAP:
+                th = _ofloat(_kth_key(_okey(z), valid, j.to(tl.int32), 24))
+        if active_p & (active_k == 0) & (mp <= 0.0) & (nvalid > 0):
+            # Top-p alone: the smallest sampled value whose sampled mass above reaches p of
+            # the sample's mass, lowered by J0 ranks (the finish checks the candidates' mass).
+            kz = _okey(z)
+            ms = tl.max(tl.where(valid, z, float("-inf")))
+            wz = tl.where(valid, tl.exp(z - ms), 0.0)
+            pw = p * tl.sum(wz)
+            lo = tl.min(tl.where(valid, kz, INT32_MAX)).to(tl.int64)
+            hi = tl.max(tl.where(valid, kz, INT32_MIN)).to(tl.int64)
+            for _ in range(24):
+                mid = lo + (hi - lo + 1) // 2
+                ok = tl.sum(tl.where(valid & (kz >= mid.to(tl.int32)), wz, 0.0)) >= pw
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid - 1)
+            j = tl.minimum(tl.sum((valid & (kz >= lo.to(tl.int32))).to(tl.int32)) + J0, nvalid)
+            if j * (V // ns) <= CAP:
+                th = _ofloat(_kth_key(kz, valid, j, 24))
+        if (mp > 0.0) & (nvalid > 0):
+            ms = tl.max(tl.where(valid, z, float("-inf")))
+            lmp = tl.log(mp)
+            thm = ms + lmp - (tl.abs(ms) + tl.abs(lmp) + 1.0) * 1e-5
+            th = tl.where(th == float("inf"), thm, tl.maximum(th, thm))
+    tl.store(theta_ptr + b, th)
 
 
 # ----------------------------------------------------------------------------- scan
-
-
-@triton.jit
-def _emit_tile(z, offs, sel, b, ncand_ptr, cval_ptr, cidx_ptr, CAP):
-    """Append the selected lanes of one tile to row b's candidates: one atomic per tile that
-    has any (rare once the bound is tight), slots by prefix sum."""
-    n = tl.sum(sel.to(tl.int32))
-    if n > 0:
-        base = tl.atomic_add(ncand_ptr + b, n, sem="relaxed")
-        slot = base + tl.cumsum(sel.to(tl.int32), 0) - 1
-        keep = sel & (slot < CAP)
-        slot = tl.where(keep, slot, 0)
-        b64 = b.to(tl.int64)
-        tl.store(cval_ptr + b64 * CAP + slot, z, mask=keep)
-        tl.store(cidx_ptr + b64 * CAP + slot, offs, mask=keep)
-
-
-@triton.jit
-def _emit(x_row, bits_row, zpen_row, T, Y, start, end, th, b, ncand_ptr, cval_ptr, cidx_ptr, CAP,
-          HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, TILE: tl.constexpr):
-    """Append every element of [start, end) with z >= th to row b's candidate list."""
-    lanes = tl.arange(0, TILE)
-    xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
-    for s0 in range(start, end, TILE):
-        offs = s0 + lanes
-        mask = offs < end
-        x = xn.to(tl.float32)
-        xn = tl.load(x_row + offs + TILE, mask=offs + TILE < end, other=float("-inf"))
-        z = _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
-        _emit_tile(z, offs, mask & (z >= th), b, ncand_ptr, cval_ptr, cidx_ptr, CAP)
 
 
 @triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr", "B", "NITEMS", "C"] + _HIST[3:])
@@ -493,18 +550,16 @@ def _scan_kernel(
     x_ptr, x_stride, V, CH, C, B, NITEMS,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
     bits_ptr, W, zpen_ptr,
-    cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr, cth_ptr, clist_ptr,
+    cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
-    samp_lo, samp_hi, call_ptr, ncand_ptr, glob_ptr, cval_ptr, cidx_ptr, CAP,
+    samp_lo, samp_hi, call_ptr, theta_ptr, ncand_ptr, pv_ptr, pi_ptr, CAPI, cval_ptr, cidx_ptr, CAP,
     PREP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr,
-    NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, FUSED: tl.constexpr,
-    TILE: tl.constexpr, Q: tl.constexpr, FT: tl.constexpr, PF: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, PF: tl.constexpr,
 ):
-    """Persistent: program p takes work items p, p + P, ... in chunk-major order (the first
-    chunk of every row, then the second, ...), so that in the FUSED mode a chunk usually finds
-    the row's bound already raised by earlier chunks of the same row."""
+    """Persistent: program p takes work items p, p + P, ... (item w is chunk w // B of row
+    w % B)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, TILE)
@@ -524,16 +579,19 @@ def _scan_kernel(
         if PREP:
             rk = tl.load(rowkey_ptr + b).to(tl.uint32)
         else:
-            # Without penalties there is no prep launch: each item derives the row key itself
-            # (O(L) reads); the first chunk publishes it (and, unfused, resets the counter).
+            # Without penalties or truncation there is no prep launch: each item derives the
+            # row key itself (O(L) reads); the first chunk publishes it.
             rk = _position_key(b, V, out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr,
                                shi_ptr, samp_lo, samp_hi, call_ptr, HAS_OUT, HAS_COUNTS, HAS_POS, 256)
             if c == 0:
                 tl.store(rowkey_ptr + b, rk.to(tl.int64))
-                if not FUSED:
-                    tl.store(ncand_ptr + b, 0)
+        # candidates of truncated rows: z >= theta, into this item's private slots
+        th = tl.full([], float("inf"), tl.float32)
+        if ANY_TRUNC:
+            th = tl.load(theta_ptr + b)
+        pbase = (b64 + c * B) * CAPI  # item w = c * B + b, in int64
+        cn = tl.zeros([], tl.int32)
 
-        m_vec = tl.full([TILE], float("-inf"), tl.float32)
         nan_vec = tl.full([TILE], float("-inf"), tl.float32)
         # Row log-sum-exp against the running chunk max m_row (a scalar, raised tile by tile):
         # s_vec sums exp(z - m_row) over elements strictly below it; elements equal to m_row
@@ -549,9 +607,6 @@ def _scan_kernel(
         kb = tl.full([TILE], float("-inf"), tl.float32)
         ki = tl.zeros([TILE], tl.int32)
         kb_row = tl.full([], float("-inf"), tl.float32)
-        # fused mode: each tile's max, so the re-sweep visits only tiles that hold candidates
-        tidx = tl.arange(0, FT)
-        tmaxes = tl.full([FT], float("-inf"), tl.float32)
         # one tile loaded ahead, so a load is always in flight while the previous tile computes
         xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
         if PF:
@@ -583,10 +638,6 @@ def _scan_kernel(
                 z = _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
             # NaN-propagating max: one instruction flags NaN (and +inf shows in the max).
             nan_vec = tl.maximum(nan_vec, z, propagate_nan=tl.PropagateNan.ALL)
-            if ANY_TRUNC:
-                m_vec = tl.maximum(m_vec, z)
-            if FUSED:
-                tmaxes = tl.where(tidx == (s0 - start) // TILE, tl.max(z), tmaxes)
             if NEED_S or ANY_GUMBEL:
                 tmax = tl.max(z)
                 if tmax >= m_row:
@@ -604,6 +655,15 @@ def _scan_kernel(
             if NEED_RAW:
                 rs_vec = _lse_update(rs_vec, rm_vec, x)
                 rm_vec = tl.maximum(rm_vec, x)
+            if ANY_TRUNC:
+                sel = z >= th
+                n = tl.sum(sel.to(tl.int32))
+                if n > 0:
+                    slot = cn + tl.cumsum(sel.to(tl.int32), 0) - 1
+                    keep = sel & (slot < CAPI)
+                    tl.store(pv_ptr + pbase + slot, z, mask=keep)
+                    tl.store(pi_ptr + pbase + slot, offs, mask=keep)
+                    cn += n
             if ANY_PLAIN:
                 key = z
                 if ANY_GUMBEL:
@@ -620,8 +680,6 @@ def _scan_kernel(
 
         ws = b64 * C + c
         m_c = tl.max(nan_vec)
-        if ANY_TRUNC:
-            m_c = tl.max(m_vec)
         bad_c = (tl.max((nan_vec != nan_vec).to(tl.int32)) > 0) | (m_c == float("inf"))
         tl.store(cflag_ptr + ws, bad_c.to(tl.int32) | ((m_c > float("-inf")).to(tl.int32) << 1))
         tl.store(cm_ptr + ws, m_c)
@@ -638,88 +696,22 @@ def _scan_kernel(
             tl.store(ckey_ptr + ws, kbest)
             tl.store(cid_ptr + ws, ibest)
         if ANY_TRUNC:
-            if trunc:
-                valid = m_vec > float("-inf")
-                th_c = tl.full([], float("-inf"), tl.float32)
-                if active_k & (k <= tl.sum(valid.to(tl.int32))):
-                    th_c = _ofloat(_kth_key(_okey(m_vec), valid, k))
-                if FUSED:
-                    # Any chunk's bound is a bound for the whole row: share the best so far.
-                    th = tl.full([], float("-inf"), tl.float32)
-                    if active_k:
-                        old = tl.atomic_max(glob_ptr + b, _okey(th_c), sem="relaxed")
-                        th = tl.maximum(th_c, _ofloat(old))
-                    if (active_p == 0) & (mp > 0.0):
-                        oldm = tl.atomic_max(glob_ptr + B + b, _okey(m_c), sem="relaxed")
-                        m_seen = tl.maximum(m_c, _ofloat(oldm))
-                        lmp = tl.log(mp)
-                        th = tl.maximum(th, m_seen + lmp - (tl.abs(m_seen) + tl.abs(lmp) + 1.0) * 1e-5)
-                    tl.store(cth_ptr + ws, th)
-                    if (th > float("-inf")) & (bad_c == 0):
-                        # The chunk was just read: this second sweep is served by the L2, and
-                        # only tiles whose max reaches the bound are read again.
-                        for t in range(0, tl.cdiv(end - start, TILE)):
-                            if tl.max(tl.where(tidx == t, tmaxes, float("-inf"))) >= th:
-                                offs = start + t * TILE + lanes
-                                mask = offs < end
-                                x, z = _load_z(x_row, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
-                                _emit_tile(z, offs, mask & (z >= th), b, ncand_ptr, cval_ptr, cidx_ptr, CAP)
-                else:
-                    tl.store(cth_ptr + ws, th_c)
-                    work = m_vec
-                    for q in range(Q):
-                        v = tl.max(work)
-                        tl.store(clist_ptr + ws * Q + q, v)
-                        work = tl.where(work == v, float("-inf"), work)
-
-
-# ----------------------------------------------------------------------------- gather
-
-
-@triton.jit(do_not_specialize=["C", "ncand_ptr"])
-def _gather_kernel(
-    x_ptr, x_stride, V, CH, C,
-    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr,
-    bits_ptr, W, zpen_ptr,
-    cm_ptr, cflag_ptr, cth_ptr, clist_ptr,
-    theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, CAP,
-    HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
-    TILE: tl.constexpr, Q: tl.constexpr, CP: tl.constexpr, LP: tl.constexpr,
-):
-    """Unfused mode (small batches, whose logits fit in the L2): one row-wide bound from every
-    chunk's lane maxima and published top-Q lists, then the candidates of one chunk."""
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    b64 = b.to(tl.int64)
-    greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
-    cc = tl.arange(0, CP)
-    cf = tl.load(cflag_ptr + b64 * C + cc, mask=cc < C, other=0)
-    ok_row = (tl.max(cf & 1) == 0) & (tl.max((cf >> 1) & 1) == 1)
-    th = tl.full([], float("-inf"), tl.float32)
-    if trunc & ok_row:
-        th_k = tl.max(tl.load(cth_ptr + b64 * C + cc, mask=cc < C, other=float("-inf")))
-        if active_k & (k <= C * Q):
-            ll = tl.arange(0, LP)
-            lv = tl.load(clist_ptr + b64 * C * Q + ll, mask=ll < C * Q, other=float("-inf"))
-            lvalid = lv > float("-inf")
-            if k <= tl.sum(lvalid.to(tl.int32)):
-                th_k = tl.maximum(th_k, _ofloat(_kth_key(_okey(lv), lvalid, k)))
-        if active_k:
-            th = th_k
-        if (active_p == 0) & (mp > 0.0):
-            # Survivors satisfy exp(z - m) >= min_p, so z >= m + log(min_p); the margin only
-            # admits a few extra candidates, it never drops one.
-            m = tl.max(tl.load(cm_ptr + b64 * C + cc, mask=cc < C, other=float("-inf")))
-            lmp = tl.log(mp)
-            th = tl.maximum(th, m + lmp - (tl.abs(m) + tl.abs(lmp) + 1.0) * 1e-5)
-        if th > float("-inf"):
-            T = tl.load(temp_ptr + b)
-            start = c * CH
-            _emit(x_ptr + b64 * x_stride, bits_ptr + b64 * W, zpen_ptr + b64 * V, T, _recip(T, FAST),
-                  start, tl.minimum(start + CH, V), th, b, ncand_ptr, cval_ptr, cidx_ptr, CAP,
-                  HAS_PEN, HAS_TEMP, FAST, TILE)
-    if c == 0:
-        tl.store(theta_ptr + b, th)
+            if cn > CAPI:
+                # the item's slots overflowed: the row can only take the fallback
+                tl.atomic_add(ncand_ptr + b, CAP + 1, sem="relaxed")
+            elif cn > 0:
+                # one atomic per item: room in the row's list, then a copy of the private slots
+                # (written by this warp just now: the barrier makes them visible to every lane)
+                tl.debug_barrier()
+                base = tl.atomic_add(ncand_ptr + b, cn, sem="relaxed")
+                for j0 in range(0, cn, TILE):
+                    jj = j0 + lanes
+                    mv = (jj < cn) & (base + jj < CAP)
+                    val = tl.load(pv_ptr + pbase + jj, mask=mv, other=0.0)
+                    idx = tl.load(pi_ptr + pbase + jj, mask=mv, other=0)
+                    dst = b64 * CAP + base + jj
+                    tl.store(cval_ptr + dst, val, mask=mv)
+                    tl.store(cidx_ptr + dst, idx, mask=mv)
 
 
 # ----------------------------------------------------------------------------- finish
@@ -730,12 +722,12 @@ def _finish_kernel(
     x_ptr, x_stride, V, C,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
     bits_ptr, W, zpen_ptr,
-    cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr, cth_ptr,
+    cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, CAP,
     tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, call_ptr,
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
-    FUSED: tl.constexpr, CP: tl.constexpr, CAPP: tl.constexpr, FB_TILE: tl.constexpr,
+    CP: tl.constexpr, CAPP: tl.constexpr, FB_TILE: tl.constexpr,
 ):
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
@@ -768,41 +760,57 @@ def _finish_kernel(
     if ok_row:
         if trunc:
             if ANY_TRUNC:
-                if FUSED:
-                    th = tl.min(tl.load(cth_ptr + base + cc, mask=cc < C, other=float("inf")))
-                else:
-                    th = tl.load(theta_ptr + b)
+                th = tl.load(theta_ptr + b)
                 cnt = tl.load(ncand_ptr + b)
-                if (th == float("-inf")) | (cnt > CAP):
+                ar = tl.arange(0, CAPP)
+                valid = ar < cnt
+                vals = tl.load(cval_ptr + b64 * CAP + ar, mask=valid, other=float("-inf"))
+                ids = tl.load(cidx_ptr + b64 * CAP + ar, mask=valid, other=INT32_MAX)
+                keys = _okey(vals)
+                v64 = vals.to(tl.float64)
+                # masses exp(z - m) as exact integers: sums do not depend on slot order
+                wq = tl.where(valid, _fix(tl.exp(v64 - m64)), 0)
+                # The candidates are every z >= th. They hold the top-k set if there are at
+                # least k of them (then the k-th largest value is >= th), the min-p set if th
+                # is below the min-p cut of the row's max, and the top-p set (without top-k)
+                # if their mass reaches p of the row's mass (from the scan's log-sum-exp).
+                lmp = tl.log(tl.maximum(mp, 1e-30))
+                cover_k = active_k & (cnt >= k)
+                cover_m = (mp > 0.0) & (th <= m + lmp - (tl.abs(m) + tl.abs(lmp) + 1.0) * 1e-5)
+                # top-p's total: the top-k mass, or the whole row's without top-k
+                pw = p.to(tl.float64) * tl.exp(lse_all - m64) * FIX
+                covered = cover_k | cover_m
+                if active_p:
+                    if active_k:
+                        covered = cover_k
+                    elif NEED_S:  # (the host asks for the row sums whenever such a row exists)
+                        covered = cover_m | (tl.sum(wq).to(tl.float64) >= pw)
+                    else:
+                        covered = False
+                if (th == float("inf")) | (cnt > CAP) | (covered == 0):
                     status = tl.full([], 2, tl.int32)
                     rk = tl.load(rowkey_ptr + b).to(tl.uint32)
                     tok, lp, tau, lse = _fallback_row(
-                        x_row, bits_row, zpen_row, T, Y, V, k, p, mp, active_k, active_p, m, rk, lse_raw,
+                        x_row, bits_row, zpen_row, T, Y, V, k, p, mp, active_k, active_p, m, rk, lse_all, lse_raw,
                         MODE, HAS_PEN, HAS_TEMP, FAST, FB_TILE,
                     )
                 else:
-                    ar = tl.arange(0, CAPP)
-                    valid = ar < cnt
-                    vals = tl.load(cval_ptr + b64 * CAP + ar, mask=valid, other=float("-inf"))
-                    ids = tl.load(cidx_ptr + b64 * CAP + ar, mask=valid, other=INT32_MAX)
-                    keys = _okey(vals)
-                    v64 = vals.to(tl.float64)
                     ksurv = valid
                     if active_k & (k <= cnt):
-                        ksurv = valid & (keys >= _kth_key(keys, valid, k))
-                    w = tl.where(ksurv, tl.exp(v64 - m64), 0.0)
+                        ksurv = valid & (keys >= _kth_key(keys, valid, k, 32))
+                        wq = tl.where(ksurv, wq, 0)
                     surv = ksurv
                     if active_p:
                         # kappa = the smallest key whose strictly-greater mass is < p of the
-                        # top-k mass; survivors are the keys >= kappa (ties share their fate).
-                        wk = tl.sum(w)
-                        p64 = p.to(tl.float64)
+                        # total; survivors are the keys >= kappa (ties share their fate).
+                        if active_k:
+                            pw = p.to(tl.float64) * tl.sum(wq).to(tl.float64)
                         lo = tl.min(tl.where(ksurv, keys, INT32_MAX)).to(tl.int64)
                         hi = tl.max(tl.where(ksurv, keys, INT32_MIN)).to(tl.int64)
                         for _ in range(32):
                             mid = lo + (hi - lo) // 2
-                            above = tl.sum(tl.where(keys > mid.to(tl.int32), w, 0.0))
-                            good = (above / wk) < p64
+                            above = tl.sum(tl.where(keys > mid.to(tl.int32), wq, 0)).to(tl.float64)
+                            good = above < pw
                             hi = tl.where(good, mid, hi)
                             lo = tl.where(good, lo, mid + 1)
                         surv = surv & (keys >= hi.to(tl.int32))
@@ -813,7 +821,7 @@ def _finish_kernel(
                     best = tl.max(g)
                     tok = tl.min(tl.where(g == best, ids, INT32_MAX))
                     z_tok = tl.sum(tl.where(ids == tok, v64, 0.0))
-                    lse = m64 + tl.log(tl.sum(tl.where(surv, tl.exp(v64 - m64), 0.0)))
+                    lse = m64 + tl.log(tl.sum(tl.where(surv, wq, 0)).to(tl.float64) / FIX)
                     tau = tl.min(tl.where(surv, vals, float("inf")))
                     lp = z_tok - lse
         else:
@@ -887,7 +895,7 @@ def _pick(v, d16, j):
 
 @triton.jit
 def _fallback_row(
-    x_row, bits_row, zpen_row, T, Y, V, k, p, mp, active_k, active_p, m, rk, lse_raw,
+    x_row, bits_row, zpen_row, T, Y, V, k, p, mp, active_k, active_p, m, rk, lse_all, lse_raw,
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, TILE: tl.constexpr,
 ):
     """A row whose candidate set was unbounded or overflowed, done exactly over the full row:
@@ -929,12 +937,12 @@ def _fallback_row(
             prefix = prefix + (j.to(tl.int64) << shift)
         pcut = prefix
     cut = tl.maximum(kcut, pcut)
-    # Final pass: Gumbel-max over survivors, with their log-sum-exp.
+    # Final pass: Gumbel-max over survivors, with their log-sum-exp (masses in fixed point, as
+    # on the candidate path; "processed" uses the scan's log-sum-exp, as every other row).
     lanes = tl.arange(0, TILE)
     kb = tl.full([TILE], float("-inf"), tl.float32)
     ki = tl.zeros([TILE], tl.int32)
-    ws = tl.zeros([TILE], tl.float64)
-    wa = tl.zeros([TILE], tl.float64)
+    ws = tl.zeros([TILE], tl.int64)
     zmin = tl.full([TILE], float("inf"), tl.float32)
     for s0 in range(0, V, TILE):
         offs = s0 + lanes
@@ -942,11 +950,10 @@ def _fallback_row(
         x, z = _load_z(x_row, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
         u = _okey(z).to(tl.int64) + 2147483648
         surv = mask & (u >= cut)
+        w = tl.exp(z.to(tl.float64) - m64)
         if mp > 0.0:
-            surv = surv & (tl.exp(z.to(tl.float64) - m64) >= mp.to(tl.float64))
-        e = tl.exp(z - m).to(tl.float64)
-        ws += tl.where(surv, e, 0.0)
-        wa += tl.where(mask, e, 0.0)
+            surv = surv & (w >= mp.to(tl.float64))
+        ws += tl.where(surv, _fix(w), 0)
         key = tl.where(surv, z + _gumbel(rk, offs, FAST), float("-inf"))
         better = key > kb
         kb = tl.where(better, key, kb)
@@ -955,9 +962,9 @@ def _fallback_row(
     best = tl.max(kb)
     tok = tl.min(tl.where(kb == best, ki, INT32_MAX))
     xt, zt = _load_z(x_row, tok, tok >= 0, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
-    lse = m64 + tl.log(tl.sum(ws))
+    lse = m64 + tl.log(tl.sum(ws).to(tl.float64) / FIX)
     if MODE == 1:
-        lse = m64 + tl.log(tl.sum(wa))
+        lse = lse_all
     lp = zt.to(tl.float64) - lse
     if MODE == 2:
         lse = lse_raw
