@@ -342,6 +342,8 @@ def run(args):
                         add(sc, f"ours [{name}]", us, how, kv)
                     except Exception as e:
                         print(f"    variant {name} failed: {e!r}")
+            if args.profile and rows in args.profile:
+                meta.setdefault("kernel_us", {})[f"{dtname} B={rows} {sc}"] = profile_kernels(torch, fn, nbuf)
             if have_torch_backend and not args.no_torch_backend and rows in (1, 256):
                 tb = Sampler(backend="torch", seed=1)
                 fn = lambda i, s=tb, d=with_data, p=prm[sc]: s(bufs[i], d, p)  # noqa: E731
@@ -392,6 +394,26 @@ def run(args):
         with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:  # partial results survive a kill
             json.dump(dict(meta=meta, skipped=skipped, records=records, partial=True), f, indent=1)
     return records, skipped, meta
+
+
+def profile_kernels(torch, fn, nbuf, calls=20):
+    """Mean GPU time per kernel (us per call) of ``fn``, from the CUDA profiler (not graphs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(3):
+        fn(i % nbuf)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            fn(i % nbuf)
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        if ev.device_type.name == "CUDA" and ev.count:
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            out[ev.key[:40]] = round(t / calls, 2)
+    print("    kernels (us per call):", out)
+    return out
 
 
 def table(records, skipped, meta):
@@ -461,6 +483,8 @@ def main(argv=None):
     ap.add_argument("--max-buffers", type=int, default=400)
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--no-torch-backend", action="store_true")
+    ap.add_argument("--profile", type=int, nargs="*", default=[],
+                    help="batch sizes whose calls of ours are also profiled kernel by kernel")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:field=value,... extra runs of ours with changed launch.Config fields (first shape)")
     ap.add_argument("--warm-flashinfer-only", action="store_true",

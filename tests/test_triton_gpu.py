@@ -297,9 +297,14 @@ def test_identical_calls_are_bit_identical_and_the_fallback_agrees(kind, monkeyp
     monkeypatch.setattr(launch, "DEBUG", debug)
     runs = [Sampler(backend="triton", num_logprobs=2)(xt, data, param) for _ in range(3)]
     status = debug["status"].cpu().numpy()
-    if kind != "mixed":
-        # realistic rows never need the fallback: the pivot leaves a few hundred candidates
+    if kind in ("S2", "S3"):
+        # with top-k (or min-p) realistic rows never need the fallback: the pivot leaves a
+        # few hundred candidates, at least k with overwhelming probability
         assert (status == 0).all(), np.bincount(status)
+    if kind == "top_p":
+        # top-p alone: the sampled guess of the nucleus misses on ~10% of these rows
+        # (bench/NOTES.md, v6), which the fallback finishes
+        assert (status == 0).mean() >= 0.8, np.bincount(status)
     x = xt.cpu().numpy()
     check_agreement(x, param, runs[0], ref_sample(x, param, data), data)
     for r in runs[1:]:

@@ -142,8 +142,8 @@ PATHS = {
     "top_p": (dict(top_p=[0.9, 0.3, 0.999, 0.05]), {}, [0, 0, 2, 0]),
     # a pivot from 64 of the 200 values (runs of 8), verified by the count of candidates
     "sampled_pivot": (dict(top_k=[1, 3, 10, 16], top_p=[1.0, 0.9, 0.8, 1.0]), {}, [0, 0, 0, 0]),
-    # no margin in the pivot's rank: some guesses land above the k-th value and are caught
-    "pivot_above_kth": (dict(top_k=[6, 9, 12, 15]), dict(pivot_j0=0), [0, 0, 2, 2]),
+    # a rank below k for the pivot: guesses land above the k-th value and are caught
+    "pivot_above_kth": (dict(top_k=[6, 9, 12, 15]), dict(pivot_j0=-3), [0, 2, 2, 2]),
     # more candidates expected than slots: no emission, straight to the fallback
     "k_beyond_slots": (dict(top_k=[30, 25, 20, 28], top_p=[0.9, 1.0, 0.7, 0.95]), dict(WHOLE, cap=16), [2, 2, 2, 2]),
     # more candidates found than slots (flat rows, a low min-p cut)
@@ -167,6 +167,22 @@ def test_code_path_matches_reference(path, monkeypatch):
         ours, ref = run_both(x, param)
     assert_same(ours, ref)
     np.testing.assert_array_equal(debug["status"].numpy(), expected)
+
+
+@pytest.mark.parametrize("regs,pairs", [(1, 1), (1, 256), (256, 1), (256, 256)])
+def test_finish_register_and_chunked_paths(regs, pairs, monkeypatch):
+    # candidates held in registers or read in chunks; top-p by comparing all pairs of top-k
+    # survivors or by bisection: the same results, all on the candidate path (status 0)
+    launch = _launch()
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    x = logits(4, 200, seed=21, ties=True)
+    param = SamplingParam.from_numpy(top_k=np.array([3, 40, 0, 17]), top_p=np.array([0.7, 0.95, 1.0, 0.5]),
+                                     min_p=np.array([0.0, 0.0, 0.02, 0.01]), seed=np.array([4, 5, 6, 7]))
+    with launch.use_config(sample=256, finish_regs=regs, finish_pairs=pairs, cap=256):
+        ours, ref = run_both(x, param, n=2)
+    assert_same(ours, ref, n=2)
+    np.testing.assert_array_equal(debug["status"].numpy(), [0, 0, 0, 0])
 
 
 @pytest.mark.parametrize("ties", [False, True])

@@ -28,6 +28,8 @@ class Config:
     #: per-tile reductions are shuffles without block barriers).
     tile: int = 256
     scan_warps: int = 1
+    #: Tiles of logits each scan program keeps loading ahead (1 or 2).
+    prefetch: int = 1
     #: Tile and warps of the top-n keys kernel.
     row_tile: int = 1024
     row_warps: int = 4
@@ -51,16 +53,23 @@ class Config:
     #: Scan: penalty bitmask words loaded two tiles ahead and penalised values one tile ahead
     #: (bench/NOTES.md, v4; S4 163 vs 193 us at B = 256). 0 = the lookups inside the loop step.
     pen_prefetch: int = 1
-    #: Tile of the exact fallback (16 digit bins per element: keep it modest).
+    #: The finish (one warp per row): up to finish_regs candidates held in registers, more
+    #: read finish_tile slots at a time; top-p over <= finish_pairs top-k survivors compares
+    #: all pairs instead of bisecting.
+    finish_tile: int = 128
+    finish_regs: int = 1024
+    finish_pairs: int = 64
+    finish_warps: int = 1
+    #: Tile and warps of the exact fallback (16 digit bins per element: keep the tile modest).
     fallback_tile: int = 256
-    finish_warps: int = 4
+    fallback_warps: int = 8
     prep_warps: int = 4
 
 
 GPU_CONFIG = Config()
 #: Small shapes under TRITON_INTERPRET=1, so that CPU tests visit every code path.
 INTERPRET_CONFIG = Config(tile=32, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64, item_slots=16,
-                          programs_per_sm=2, min_chunk_tiles=1, fallback_tile=32)
+                          programs_per_sm=2, min_chunk_tiles=1, finish_tile=16, finish_regs=32, finish_pairs=8, fallback_tile=32, fallback_warps=1)
 
 _override: Optional[Config] = None
 #: Tests set this to a dict to receive a copy of each row's status after the call
@@ -132,7 +141,8 @@ def _workspace(state: Dict[str, Any], device, rows: int, vocab: int, chunks: int
             cflag=e(n, torch.int32), ckey=e(n, torch.float32), cid=e(n, torch.int32),
             theta=e(rows, torch.float32), ncand=e(rows, torch.int32),
             pv=e(slots, torch.float32), pi=e(slots, torch.int32),
-            cval=e(cands, torch.float32), cidx=e(cands, torch.int32),
+            cval=e(cands, torch.float32), cidx=e(cands, torch.int32), cw=e(cands, torch.int64),
+            lsea=e(rows, torch.float64),
             rowkey=e(rows, torch.int64), status=e(rows, torch.int32), tau=e(rows, torch.float32),
             lse=e(rows, torch.float64),
             bits=e(rows * words if pen else 1, torch.int32), obits=e(rows * words if pen else 1, torch.int32),
@@ -258,7 +268,7 @@ def run(step):
         ws["cval"], ws["cidx"], cfg.cap,
         PREP=prep, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen,
+        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen, PD=cfg.prefetch,
         num_warps=cfg.scan_warps, enable_fp_fusion=False,
     )
     K._finish_kernel[(rows,)](
@@ -266,12 +276,22 @@ def run(step):
         *common, ws["rowkey"],
         ws["bits"], words, ws["zpen"],
         ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
-        ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], cfg.cap,
-        tok, lp, ws["status"], ws["tau"], ws["lse"], counter,
+        ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], ws["cw"], cfg.cap,
+        tok, lp, ws["status"], ws["tau"], ws["lse"], ws["lsea"], counter,
         MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(chunks), CAPP=_p2(cfg.cap),
-        FB_TILE=cfg.fallback_tile, num_warps=cfg.finish_warps, enable_fp_fusion=False,
+        NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(chunks), FT=cfg.finish_tile, FR=cfg.finish_regs,
+        NKP=cfg.finish_pairs,
+        num_warps=cfg.finish_warps, enable_fp_fusion=False,
     )
+    if any_trunc:
+        K._fallback_kernel[(rows,)](
+            x, x.stride(0), vocab, chunks,
+            *common, ws["rowkey"],
+            ws["bits"], words, ws["zpen"], ws["cm"], ws["status"], ws["lsea"],
+            tok, lp, ws["tau"], ws["lse"],
+            MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, CP=_p2(chunks), TILE=cfg.fallback_tile,
+            num_warps=cfg.fallback_warps, enable_fp_fusion=False,
+        )
     if DEBUG is not None:
         DEBUG["status"] = ws["status"].clone()
         DEBUG["ncand"] = ws["ncand"].clone()

@@ -73,20 +73,17 @@ def _ofloat(key):
 
 
 @triton.jit
-def _kth_key(keys, valid, k, STEPS: tl.constexpr):
-    """A key ``lo`` with at least k ``valid`` keys >= lo (needs 1 <= k <= count(valid)).
-
-    Bisection on the int32 key space, no sort: after 32 steps ``lo`` is exactly the k-th
-    largest key; fewer steps give a slightly lower key (still a lower bound), cheaper.
-    """
+def _key_near_rank(keys, valid, j):
+    """A key with between j and j + j/4 + 2 ``valid`` keys >= it (at least j when ties make the
+    band empty): a bisection that stops as soon as its count lands in the band."""
     lo = tl.min(tl.where(valid, keys, INT32_MAX)).to(tl.int64)
     hi = tl.max(tl.where(valid, keys, INT32_MIN)).to(tl.int64)
-    for _ in range(STEPS):
+    band = j + j // 4 + 2
+    while lo < hi:
         mid = lo + (hi - lo + 1) // 2
         c = tl.sum((valid & (keys >= mid.to(tl.int32))).to(tl.int32))
-        ok = c >= k
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
+        lo = tl.where(c >= j, mid, lo)
+        hi = tl.where(c >= j, tl.where(c <= band, mid, hi), mid - 1)
     return lo.to(tl.int32)
 
 
@@ -512,33 +509,40 @@ def _pivot(x_row, bits_row, zpen_row, b, V, temp_ptr, greedy_ptr, topk_ptr, topp
         valid = mask & (z == z) & (z > float("-inf"))
         nvalid = tl.sum(valid.to(tl.int32))
         ns = tl.minimum(V, NS)
-        if active_k & (nvalid > 0):
-            j = tl.minimum((k * ns + V - 1) // V + J0, nvalid)
-            # expected candidates ~ j * V / ns: beyond the slots, skip straight to the fallback
-            if j * (V // ns) <= CAP:
-                th = _ofloat(_kth_key(_okey(z), valid, j.to(tl.int32), 24))
-        if active_p & (active_k == 0) & (mp <= 0.0) & (nvalid > 0):
-            # Top-p alone: the smallest sampled value whose sampled mass above reaches p of
-            # the sample's mass, lowered by J0 ranks (the finish checks the candidates' mass).
-            kz = _okey(z)
-            ms = tl.max(tl.where(valid, z, float("-inf")))
-            wz = tl.where(valid, tl.exp(z - ms), 0.0)
-            pw = p * tl.sum(wz)
-            lo = tl.min(tl.where(valid, kz, INT32_MAX)).to(tl.int64)
-            hi = tl.max(tl.where(valid, kz, INT32_MIN)).to(tl.int64)
-            for _ in range(24):
-                mid = lo + (hi - lo + 1) // 2
-                ok = tl.sum(tl.where(valid & (kz >= mid.to(tl.int32)), wz, 0.0)) >= pw
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid - 1)
-            j = tl.minimum(tl.sum((valid & (kz >= lo.to(tl.int32))).to(tl.int32)) + J0, nvalid)
-            if j * (V // ns) <= CAP:
-                th = _ofloat(_kth_key(kz, valid, j, 24))
-        if (mp > 0.0) & (nvalid > 0):
-            ms = tl.max(tl.where(valid, z, float("-inf")))
-            lmp = tl.log(mp)
-            thm = ms + lmp - (tl.abs(ms) + tl.abs(lmp) + 1.0) * 1e-5
-            th = tl.where(th == float("inf"), thm, tl.maximum(th, thm))
+        kz = _okey(z)
+        ms = tl.max(tl.where(valid, z, float("-inf")))
+        lmp = tl.log(tl.maximum(mp, 1e-30))
+        thm = ms + lmp - (tl.abs(ms) + tl.abs(lmp) + 1.0) * 1e-5
+        if nvalid > 0:
+            if active_k:
+                j = tl.maximum(tl.minimum((k * ns + V - 1) // V + J0, nvalid), 1)
+                # expected candidates ~ j * V / ns: beyond the slots, skip straight to the fallback
+                if j * (V // ns) <= CAP:
+                    th = _ofloat(_key_near_rank(kz, valid, j.to(tl.int32)))
+                if (mp > 0.0) & (active_p == 0):
+                    # either bound covers top-k + min-p: the higher one leaves fewer candidates
+                    th = tl.where(th == float("inf"), thm, tl.maximum(th, thm))
+            elif mp > 0.0:
+                th = thm
+            elif active_p:
+                # Top-p alone: c = the sampled values that hold p of the sample's mass; the
+                # pivot is the (c/3 + J0 + 2)-th largest sampled value (the sample lacks the
+                # row's extremes, so its nucleus is relatively wider). The finish checks that
+                # the candidates' mass reaches p of the row's; randn-like rows (sigma 4.3) pass
+                # ~92% of the time (bench/NOTES.md, v6), the rest take the fallback.
+                wz = tl.where(valid, tl.exp(z - ms), 0.0)
+                pw = p * tl.sum(wz)
+                lo = tl.min(tl.where(valid, kz, INT32_MAX)).to(tl.int64)
+                hi = tl.max(tl.where(valid, kz, INT32_MIN)).to(tl.int64)
+                for _ in range(16):
+                    mid = lo + (hi - lo + 1) // 2
+                    ok = tl.sum(tl.where(valid & (kz >= mid.to(tl.int32)), wz, 0.0)) >= pw
+                    lo = tl.where(ok, mid, lo)
+                    hi = tl.where(ok, hi, mid - 1)
+                c = tl.sum((valid & (kz >= lo.to(tl.int32))).to(tl.int32))
+                j = tl.maximum(tl.minimum(c // 3 + J0 + 2, nvalid), 1)
+                if j * (V // ns) <= CAP:
+                    th = _ofloat(_key_near_rank(kz, valid, j))
     tl.store(theta_ptr + b, th)
 
 
@@ -556,7 +560,7 @@ def _scan_kernel(
     PREP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr,
-    NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, PF: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, PF: tl.constexpr, PD: tl.constexpr,
 ):
     """Persistent: program p takes work items p, p + P, ... (item w is chunk w // B of row
     w % B)."""
@@ -607,8 +611,10 @@ def _scan_kernel(
         kb = tl.full([TILE], float("-inf"), tl.float32)
         ki = tl.zeros([TILE], tl.int32)
         kb_row = tl.full([], float("-inf"), tl.float32)
-        # one tile loaded ahead, so a load is always in flight while the previous tile computes
+        # PD tiles loaded ahead, so loads are always in flight while a tile computes
         xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
+        if PD == 2:
+            xn2 = tl.load(x_row + start + TILE + lanes, mask=start + TILE + lanes < end, other=float("-inf"))
         if PF:
             # Penalty lookups software-pipelined: the bitmask word two tiles ahead, the dependent
             # penalised value one tile ahead, so neither latency sits in the tile's critical path.
@@ -622,7 +628,11 @@ def _scan_kernel(
             offs = s0 + lanes
             mask = offs < end
             x = xn.to(tl.float32)
-            xn = tl.load(x_row + offs + TILE, mask=offs + TILE < end, other=float("-inf"))
+            if PD == 2:
+                xn = xn2
+                xn2 = tl.load(x_row + offs + 2 * TILE, mask=offs + 2 * TILE < end, other=float("-inf"))
+            else:
+                xn = tl.load(x_row + offs + TILE, mask=offs + TILE < end, other=float("-inf"))
             if PF:
                 hit = hitn
                 zp = zpn
@@ -717,18 +727,208 @@ def _scan_kernel(
 # ----------------------------------------------------------------------------- finish
 
 
+@triton.jit
+def _wfix(v, m):
+    """A candidate's mass exp(v - m) (float32, from float32 values) as int64 fixed point."""
+    return _fix(tl.exp(v - m).to(tl.float64))
+
+
+@triton.jit
+def _kth_bisect(keys, ok, k, lo, hi):
+    """The k-th largest of the ``ok`` keys, given lo <= it <= hi: bisection that stops as soon
+    as exactly k keys are >= mid (that set is then the top k)."""
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum((ok & (keys >= mid.to(tl.int32))).to(tl.int32))
+        lo = tl.where(c >= k, mid, lo)
+        hi = tl.where(c >= k, tl.where(c == k, mid, hi), mid - 1)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def _compact(v, idx, w, sel, nk, row, cval_ptr, cidx_ptr, cw_ptr):
+    """Store the selected lanes at slots nk, nk + 1, ... of the row's lists; returns the new
+    count. Callers have read every slot at or after nk that they still need."""
+    dst = nk + tl.cumsum(sel.to(tl.int32), 0) - 1
+    tl.debug_barrier()
+    tl.store(cval_ptr + row + dst, v, mask=sel)
+    tl.store(cidx_ptr + row + dst, idx, mask=sel)
+    tl.store(cw_ptr + row + dst, w, mask=sel)
+    return nk + tl.sum(sel.to(tl.int32))
+
+
+@triton.jit
+def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
+                    rowkey_ptr, CAP, NEED_S: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr,
+                    NKP: tl.constexpr):
+    """Exact top-k / top-p / min-p and the Gumbel-max choice over a row's candidates (every
+    z >= theta). Returns (status, token, logprob, tau, lse); status 2 when the candidates do not
+    provably hold every survivor (the fallback kernel takes over).
+
+    Up to FR candidates are held in registers (the k-th value by a bisection that stops once
+    exactly k keys are above it), more are read in chunks of FT slots. The top-k survivors are
+    then compacted to the front of the row's lists; top-p over <= NKP of them compares every
+    pair (no bisection), over more it bisects chunk by chunk. Masses exp(z - m) are int64 fixed
+    point (2**-40), so sums do not depend on the order in which the scan appended candidates."""
+    b64 = b.to(tl.int64)
+    row = b64 * CAP
+    m64 = m.to(tl.float64)
+    th = tl.load(theta_ptr + b)
+    cnt = tl.load(ncand_ptr + b)
+    status = tl.full([], 2, tl.int32)
+    tok = tl.full([], -1, tl.int32)
+    lp = tl.full([], float("nan"), tl.float64)
+    tau = tl.full([], float("-inf"), tl.float32)
+    lse = tl.full([], float("nan"), tl.float64)
+    lanes = tl.arange(0, FT)
+    kth_ok = active_k & (k <= cnt)
+    if (th < float("inf")) & (cnt <= CAP):
+        if cnt <= FR:
+            i = tl.arange(0, FR)
+            ok = i < cnt
+            v = tl.load(cval_ptr + row + i, mask=ok, other=float("-inf"))
+            keys = _okey(v)
+            w = tl.where(ok, _wfix(v, m), 0)
+            mass = tl.sum(w)
+            kmax = tl.max(tl.where(ok, keys, INT32_MIN))
+            kcut = tl.full([], INT32_MIN, tl.int32)
+            if kth_ok:
+                kcut = _kth_bisect(keys, ok, k, _okey(th).to(tl.int64), kmax.to(tl.int64))
+            idx = tl.load(cidx_ptr + row + i, mask=ok, other=0)
+            sel = ok & (keys >= kcut)
+            nk = _compact(v, idx, w, sel, tl.zeros([], tl.int32), row, cval_ptr, cidx_ptr, cw_ptr)
+            kmass = tl.sum(tl.where(sel, w, 0))
+        else:
+            mass = tl.zeros([], tl.int64)
+            kmax = tl.full([], INT32_MIN, tl.int32)
+            for c0 in range(0, cnt, FT):
+                i = c0 + lanes
+                ok = i < cnt
+                v = tl.load(cval_ptr + row + i, mask=ok, other=float("-inf"))
+                w = tl.where(ok, _wfix(v, m), 0)
+                tl.store(cw_ptr + row + i, w, mask=ok)
+                mass += tl.sum(w)
+                kmax = tl.maximum(kmax, tl.max(tl.where(ok, _okey(v), INT32_MIN)))
+            kcut = tl.full([], INT32_MIN, tl.int32)
+            if kth_ok:
+                lo = _okey(th).to(tl.int64)
+                hi = kmax.to(tl.int64)
+                while lo < hi:
+                    mid = lo + (hi - lo + 1) // 2
+                    c = tl.zeros([], tl.int32)
+                    for c0 in range(0, cnt, FT):
+                        i = c0 + lanes
+                        v = tl.load(cval_ptr + row + i, mask=i < cnt, other=float("-inf"))
+                        c += tl.sum((_okey(v) >= mid.to(tl.int32)).to(tl.int32))
+                    lo = tl.where(c >= k, mid, lo)
+                    hi = tl.where(c >= k, tl.where(c == k, mid, hi), mid - 1)
+                kcut = lo.to(tl.int32)
+            nk = tl.zeros([], tl.int32)
+            kmass = tl.zeros([], tl.int64)
+            for c0 in range(0, cnt, FT):
+                i = c0 + lanes
+                ok = i < cnt
+                v = tl.load(cval_ptr + row + i, mask=ok, other=float("-inf"))
+                idx = tl.load(cidx_ptr + row + i, mask=ok, other=0)
+                w = tl.load(cw_ptr + row + i, mask=ok, other=0)
+                sel = ok & (_okey(v) >= kcut)
+                kmass += tl.sum(tl.where(sel, w, 0))
+                nk = _compact(v, idx, w, sel, nk, row, cval_ptr, cidx_ptr, cw_ptr)
+        tl.debug_barrier()
+        # The candidates hold the top-k set if there are at least k of them (then the k-th
+        # largest value is >= theta), the min-p set if theta is below the min-p cut of the
+        # row's max, and the nucleus (top-p without top-k) if their mass reaches p of the
+        # row's (the scan's log-sum-exp).
+        lmp = tl.log(tl.maximum(mp, 1e-30))
+        cover_k = active_k & (cnt >= k)
+        cover_m = (mp > 0.0) & (th <= m + lmp - (tl.abs(m) + tl.abs(lmp) + 1.0) * 1e-5)
+        covered = cover_k | cover_m
+        pw = p.to(tl.float64) * kmass.to(tl.float64)
+        if active_p:
+            if active_k:
+                covered = cover_k
+            elif NEED_S:  # (the host asks for the row sums whenever such a row exists)
+                pw = p.to(tl.float64) * tl.exp(lse_all - m64) * FIX
+                covered = cover_m | (mass.to(tl.float64) >= pw)
+            else:
+                covered = False
+        if covered:
+            status = tl.full([], 0, tl.int32)
+            # top-p: survivors are the top-k survivors whose strictly-greater mass is < p of
+            # the total (the top-k mass, or the row's without top-k); ties share their fate
+            pcut = kcut
+            if active_p:
+                if nk <= NKP:
+                    j = tl.arange(0, NKP)
+                    okj = j < nk
+                    vj = tl.load(cval_ptr + row + j, mask=okj, other=float("-inf"))
+                    wj = tl.load(cw_ptr + row + j, mask=okj, other=0)
+                    kj = tl.where(okj, _okey(vj), INT32_MIN)
+                    above = tl.sum(tl.where(kj[None, :] > kj[:, None], wj[None, :], 0), axis=1)
+                    keep = okj & (above.to(tl.float64) < pw)
+                    pcut = tl.maximum(pcut, tl.min(tl.where(keep, kj, INT32_MAX)))
+                else:
+                    lo = tl.maximum(kcut, _okey(th)).to(tl.int64)
+                    hi = kmax.to(tl.int64)
+                    while lo < hi:
+                        mid = lo + (hi - lo) // 2
+                        above = tl.zeros([], tl.int64)
+                        for c0 in range(0, nk, FT):
+                            i = c0 + lanes
+                            ok = i < nk
+                            v = tl.load(cval_ptr + row + i, mask=ok, other=float("-inf"))
+                            w = tl.load(cw_ptr + row + i, mask=ok, other=0)
+                            above += tl.sum(tl.where(_okey(v) > mid.to(tl.int32), w, 0))
+                        good = above.to(tl.float64) < pw
+                        hi = tl.where(good, mid, hi)
+                        lo = tl.where(good, lo, mid + 1)
+                    pcut = tl.maximum(pcut, hi.to(tl.int32))
+            # survivors (and min-p), Gumbel-max, log-sum-exp over survivors
+            rk = tl.load(rowkey_ptr + b).to(tl.uint32)
+            best = tl.full([], float("-inf"), tl.float64)
+            tok = tl.full([], INT32_MAX, tl.int32)
+            z_tok = tl.zeros([], tl.float64)
+            sq = tl.zeros([], tl.int64)
+            tau = tl.full([], float("inf"), tl.float32)
+            for c0 in range(0, nk, FT):
+                i = c0 + lanes
+                ok = i < nk
+                v = tl.load(cval_ptr + row + i, mask=ok, other=float("-inf"))
+                idx = tl.load(cidx_ptr + row + i, mask=ok, other=INT32_MAX)
+                w = tl.load(cw_ptr + row + i, mask=ok, other=0)
+                v64 = v.to(tl.float64)
+                surv = ok & (_okey(v) >= pcut)
+                if mp > 0.0:
+                    surv = surv & (tl.exp(v64 - m64) >= mp.to(tl.float64))
+                g = tl.where(surv, v64 + rs.gumbel64(rk, idx), float("-inf"))
+                gb = tl.max(g)
+                ib = tl.min(tl.where(g == gb, idx, INT32_MAX))
+                take = (gb > best) | ((gb == best) & (ib < tok))
+                z_tok = tl.where(take, tl.sum(tl.where(idx == ib, v64, 0.0)), z_tok)
+                tok = tl.where(take, ib, tok)
+                best = tl.where(take, gb, best)
+                sq += tl.sum(tl.where(surv, w, 0))
+                tau = tl.minimum(tau, tl.min(tl.where(surv, v, float("inf"))))
+            lse = m64 + tl.log(sq.to(tl.float64) / FIX)
+            lp = z_tok - lse
+    return status, tok, lp, tau, lse
+
+
 @triton.jit(do_not_specialize=["C", "ncand_ptr"])
 def _finish_kernel(
     x_ptr, x_stride, V, C,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
     bits_ptr, W, zpen_ptr,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
-    theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, CAP,
-    tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, call_ptr,
+    theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
+    tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, lsea_ptr, call_ptr,
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
-    CP: tl.constexpr, CAPP: tl.constexpr, FB_TILE: tl.constexpr,
+    CP: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr,
 ):
+    """One row per program (a single warp: every reduction is a few shuffles). Rows whose
+    candidates do not cover the survivors get status 2 and are finished by the fallback
+    kernel launched next."""
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     base = b64 * C
@@ -760,70 +960,9 @@ def _finish_kernel(
     if ok_row:
         if trunc:
             if ANY_TRUNC:
-                th = tl.load(theta_ptr + b)
-                cnt = tl.load(ncand_ptr + b)
-                ar = tl.arange(0, CAPP)
-                valid = ar < cnt
-                vals = tl.load(cval_ptr + b64 * CAP + ar, mask=valid, other=float("-inf"))
-                ids = tl.load(cidx_ptr + b64 * CAP + ar, mask=valid, other=INT32_MAX)
-                keys = _okey(vals)
-                v64 = vals.to(tl.float64)
-                # masses exp(z - m) as exact integers: sums do not depend on slot order
-                wq = tl.where(valid, _fix(tl.exp(v64 - m64)), 0)
-                # The candidates are every z >= th. They hold the top-k set if there are at
-                # least k of them (then the k-th largest value is >= th), the min-p set if th
-                # is below the min-p cut of the row's max, and the top-p set (without top-k)
-                # if their mass reaches p of the row's mass (from the scan's log-sum-exp).
-                lmp = tl.log(tl.maximum(mp, 1e-30))
-                cover_k = active_k & (cnt >= k)
-                cover_m = (mp > 0.0) & (th <= m + lmp - (tl.abs(m) + tl.abs(lmp) + 1.0) * 1e-5)
-                # top-p's total: the top-k mass, or the whole row's without top-k
-                pw = p.to(tl.float64) * tl.exp(lse_all - m64) * FIX
-                covered = cover_k | cover_m
-                if active_p:
-                    if active_k:
-                        covered = cover_k
-                    elif NEED_S:  # (the host asks for the row sums whenever such a row exists)
-                        covered = cover_m | (tl.sum(wq).to(tl.float64) >= pw)
-                    else:
-                        covered = False
-                if (th == float("inf")) | (cnt > CAP) | (covered == 0):
-                    status = tl.full([], 2, tl.int32)
-                    rk = tl.load(rowkey_ptr + b).to(tl.uint32)
-                    tok, lp, tau, lse = _fallback_row(
-                        x_row, bits_row, zpen_row, T, Y, V, k, p, mp, active_k, active_p, m, rk, lse_all, lse_raw,
-                        MODE, HAS_PEN, HAS_TEMP, FAST, FB_TILE,
-                    )
-                else:
-                    ksurv = valid
-                    if active_k & (k <= cnt):
-                        ksurv = valid & (keys >= _kth_key(keys, valid, k, 32))
-                        wq = tl.where(ksurv, wq, 0)
-                    surv = ksurv
-                    if active_p:
-                        # kappa = the smallest key whose strictly-greater mass is < p of the
-                        # total; survivors are the keys >= kappa (ties share their fate).
-                        if active_k:
-                            pw = p.to(tl.float64) * tl.sum(wq).to(tl.float64)
-                        lo = tl.min(tl.where(ksurv, keys, INT32_MAX)).to(tl.int64)
-                        hi = tl.max(tl.where(ksurv, keys, INT32_MIN)).to(tl.int64)
-                        for _ in range(32):
-                            mid = lo + (hi - lo) // 2
-                            above = tl.sum(tl.where(keys > mid.to(tl.int32), wq, 0)).to(tl.float64)
-                            good = above < pw
-                            hi = tl.where(good, mid, hi)
-                            lo = tl.where(good, lo, mid + 1)
-                        surv = surv & (keys >= hi.to(tl.int32))
-                    if mp > 0.0:
-                        surv = surv & (tl.exp(v64 - m64) >= mp.to(tl.float64))
-                    rk = tl.load(rowkey_ptr + b).to(tl.uint32)
-                    g = tl.where(surv, v64 + rs.gumbel64(rk, ids), float("-inf"))
-                    best = tl.max(g)
-                    tok = tl.min(tl.where(g == best, ids, INT32_MAX))
-                    z_tok = tl.sum(tl.where(ids == tok, v64, 0.0))
-                    lse = m64 + tl.log(tl.sum(tl.where(surv, wq, 0)).to(tl.float64) / FIX)
-                    tau = tl.min(tl.where(surv, vals, float("inf")))
-                    lp = z_tok - lse
+                status, tok, lp, tau, lse = _candidates_row(
+                    b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
+                    rowkey_ptr, CAP, NEED_S, FT, FR, NKP)
         else:
             if ANY_PLAIN:
                 kc = tl.load(ckey_ptr + base + cc, mask=cc < C, other=float("-inf"))
@@ -847,6 +986,8 @@ def _finish_kernel(
     tl.store(lp_ptr + b, lp.to(tl.float32))
     tl.store(tau_ptr + b, tau)
     tl.store(lse_ptr + b, lse)
+    if ANY_TRUNC:
+        tl.store(lsea_ptr + b, tl.where(NEED_RAW, lse_raw, lse_all))
     if b == 0:
         # The device call counter advances inside the call, so CUDA-graph replays advance it.
         tl.atomic_add(call_ptr, 1)
@@ -970,6 +1111,35 @@ def _fallback_row(
         lse = lse_raw
         lp = xt.to(tl.float64) - lse
     return tok, lp, tl.min(zmin), lse
+
+
+@triton.jit(do_not_specialize=["C"])
+def _fallback_kernel(
+    x_ptr, x_stride, V, C,
+    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
+    bits_ptr, W, zpen_ptr, cm_ptr, status_ptr, lsea_ptr,
+    tok_ptr, lp_ptr, tau_ptr, lse_ptr,
+    MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
+    CP: tl.constexpr, TILE: tl.constexpr,
+):
+    """Grid B: the rows the finish marked with status 2 (every other program returns at once)."""
+    b = tl.program_id(0)
+    if tl.load(status_ptr + b) == 2:
+        b64 = b.to(tl.int64)
+        greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
+        cc = tl.arange(0, CP)
+        m = tl.max(tl.load(cm_ptr + b64 * C + cc, mask=cc < C, other=float("-inf")))
+        T = tl.load(temp_ptr + b)
+        rk = tl.load(rowkey_ptr + b).to(tl.uint32)
+        lsea = tl.load(lsea_ptr + b)
+        tok, lp, tau, lse = _fallback_row(
+            x_ptr + b64 * x_stride, bits_ptr + b64 * W, zpen_ptr + b64 * V, T, _recip(T, FAST), V, k, p, mp,
+            active_k, active_p, m, rk, lsea, lsea, MODE, HAS_PEN, HAS_TEMP, FAST, TILE,
+        )
+        tl.store(tok_ptr + b, tok.to(tl.int64))
+        tl.store(lp_ptr + b, lp.to(tl.float32))
+        tl.store(tau_ptr + b, tau)
+        tl.store(lse_ptr + b, lse)
 
 
 # ----------------------------------------------------------------------------- top-n
