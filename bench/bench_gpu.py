@@ -328,20 +328,27 @@ def run(args):
             except Exception as e:
                 print(f"    ours failed: {e!r}")
                 add(sc, "ours (triton)", float("nan"), "failed", repr(e)[:200])
-            if (rows, vocab, dtname) == (shapes[0][0], shapes[0][1], dtypes[0]) and sc in args.scenarios:
-                # kernel variants on the first (priority) shape only
-                from sampling.kernels.triton import launch as tl_launch
+            first = (rows, vocab, dtname) == (shapes[0][0], shapes[0][1], dtypes[0])
+            from sampling.kernels.triton import launch as tl_launch
 
-                for spec in args.variant:
-                    name, _, kv = spec.partition(":")
-                    changes = {k: int(float(v)) for k, v in (p.split("=") for p in kv.split(",") if p)}
-                    vs = Sampler(backend="triton", seed=1)
-                    try:
-                        with tl_launch.use_config(**changes):
-                            us, how = measure(torch, lambda i, s=vs, d=with_data, p=prm[sc]: s(bufs[i], d, p), nbuf)
-                        add(sc, f"ours [{name}]", us, how, kv)
-                    except Exception as e:
-                        print(f"    variant {name} failed: {e!r}")
+            for spec in args.variant:
+                # NAME[@B]:field=value,...: on the first shape, or on every float32 shape with B rows
+                name, _, kv = spec.partition(":")
+                name, _, only = name.partition("@")
+                if not (int(only) == rows and dtname == "float32" if only else first):
+                    continue
+                changes = {k: int(float(v)) for k, v in (p.split("=") for p in kv.split(",") if p)}
+                vs = Sampler(backend="triton", seed=1)
+                vfn = lambda i, s=vs, d=with_data, p=prm[sc]: s(bufs[i], d, p)  # noqa: E731
+                try:
+                    with tl_launch.use_config(**changes):
+                        us, how = measure(torch, vfn, nbuf)
+                        if args.profile and rows in args.profile:
+                            meta.setdefault("kernel_us", {})[f"{dtname} B={rows} {sc} [{name}]"] = \
+                                profile_kernels(torch, vfn, nbuf)
+                    add(sc, f"ours [{name}]", us, how, kv)
+                except Exception as e:
+                    print(f"    variant {name} failed: {e!r}")
             if args.profile and rows in args.profile:
                 meta.setdefault("kernel_us", {})[f"{dtname} B={rows} {sc}"] = profile_kernels(torch, fn, nbuf)
             if have_torch_backend and not args.no_torch_backend and rows in (1, 256):

@@ -33,6 +33,10 @@ def record(scenario: str, rows: int, vocab: int, path: str) -> None:
     from sampling.kernels.triton import pipeline as K
 
     launch.INTERPRET_CONFIG = launch.GPU_CONFIG  # the GPU's tile sizes and constants
+    if os.environ.get("SASS_CONFIG"):
+        from dataclasses import replace
+        kv = dict(p.split("=") for p in os.environ["SASS_CONFIG"].split(","))
+        launch.INTERPRET_CONFIG = replace(launch.GPU_CONFIG, **{k: int(v) for k, v in kv.items()})
     launch._sms = lambda device: 132
     seen = {}
 
@@ -46,6 +50,11 @@ def record(scenario: str, rows: int, vocab: int, path: str) -> None:
                 sig, consts = {}, {}
                 for p, a in zip(params, args):
                     sig[p.name] = _type(a)
+                    # what the JIT specialises at launch: 16-aligned pointers, ints % 16 == 0
+                    # (the caching allocator aligns GPU tensors, so every tensor counts)
+                    if isinstance(a, torch.Tensor) or (isinstance(a, int) and not isinstance(a, bool)
+                                                       and a % 16 == 0):
+                        sig.setdefault("__div16", []).append(p.name)
                 for k, v in kwargs.items():
                     if k in ("num_warps", "enable_fp_fusion", "num_stages"):
                         consts["__opt_" + k] = v
@@ -114,9 +123,12 @@ def compile_all(path: str, dump: str | None) -> None:
         consts = {k: v for k, v in rec["consts"].items() if not k.startswith("__opt_")}
         opts = {k[6:]: v for k, v in rec["consts"].items() if k.startswith("__opt_")}
         sig = dict(rec["sig"])
+        div16 = sig.pop("__div16", [])
+        nospec = {fn.arg_names[i] if isinstance(i, int) else i for i in (fn.do_not_specialize or [])}
         for k in consts:
             sig[k] = "constexpr"
-        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div16 if k not in nospec}
+        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
         try:
             ck = triton.compile(src, target=target, options=opts)
         except Exception as e:
@@ -170,13 +182,14 @@ def main():
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--dump")
+    ap.add_argument("--config", default="", help="launch.Config overrides, e.g. stages=3,tile=512")
     ap.add_argument("--record", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.record:
         record(args.scenario, args.rows, args.vocab, args.record)
         return
     path = "/tmp/sass_launches.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", SASS_CONFIG=args.config)
     subprocess.run([sys.executable, __file__, "--scenario", args.scenario, "--rows", str(args.rows), "--vocab",
                     str(args.vocab), "--record", path], env=env, check=True)
     os.environ.pop("TRITON_INTERPRET", None)

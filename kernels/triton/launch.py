@@ -28,8 +28,9 @@ class Config:
     #: per-tile reductions are shuffles without block barriers).
     tile: int = 256
     scan_warps: int = 1
-    #: Tiles of logits each scan program keeps loading ahead (1 or 2).
-    prefetch: int = 1
+    #: Scan loop stages: 1 = one tile loaded ahead by hand; n > 1 = Triton's software pipeline
+    #: with n - 1 tiles in flight (asynchronous copies through shared memory).
+    stages: int = 1
     #: Tile and warps of the top-n keys kernel.
     row_tile: int = 1024
     row_warps: int = 4
@@ -63,12 +64,14 @@ class Config:
     #: Tile and warps of the exact fallback (16 digit bins per element: keep the tile modest).
     fallback_tile: int = 256
     fallback_warps: int = 8
+    #: The prep kernel (one program per row): history ids handled per loop step, warps.
+    prep_block: int = 256
     prep_warps: int = 4
 
 
 GPU_CONFIG = Config()
 #: Small shapes under TRITON_INTERPRET=1, so that CPU tests visit every code path.
-INTERPRET_CONFIG = Config(tile=32, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64, item_slots=16,
+INTERPRET_CONFIG = Config(tile=32, prep_block=16, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64, item_slots=16,
                           programs_per_sm=2, min_chunk_tiles=1, finish_tile=16, finish_regs=32, finish_pairs=8, fallback_tile=32, fallback_warps=1)
 
 _override: Optional[Config] = None
@@ -256,7 +259,7 @@ def run(step):
             *common, ws["theta"], cfg.cap,
             HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, **hflags,
             PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
-            BL=16 if interpreting() else 256, BW=16 if interpreting() else 1024,
+            BL=cfg.prep_block, BW=16 if interpreting() else 1024,
             num_warps=cfg.prep_warps, enable_fp_fusion=False,
         )
     K._scan_kernel[(nprog,)](
@@ -268,7 +271,7 @@ def run(step):
         ws["cval"], ws["cidx"], cfg.cap,
         PREP=prep, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen, PD=cfg.prefetch,
+        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen, NST=cfg.stages,
         num_warps=cfg.scan_warps, enable_fp_fusion=False,
     )
     K._finish_kernel[(rows,)](
