@@ -121,6 +121,8 @@ def compile_all(path: str, dump: str | None) -> None:
         rec = seen[name]
         fn = getattr(K, name)
         consts = {k: v for k, v in rec["consts"].items() if not k.startswith("__opt_")}
+        if "FAST" in consts:
+            consts["FAST"] = True  # the recording ran on the CPU; the GPU takes the fast paths
         opts = {k[6:]: v for k, v in rec["consts"].items() if k.startswith("__opt_")}
         sig = dict(rec["sig"])
         div16 = sig.pop("__div16", [])

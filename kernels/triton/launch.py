@@ -28,9 +28,6 @@ class Config:
     #: per-tile reductions are shuffles without block barriers).
     tile: int = 256
     scan_warps: int = 1
-    #: Scan loop stages: 1 = one tile loaded ahead by hand; n > 1 = Triton's software pipeline
-    #: with n - 1 tiles in flight (asynchronous copies through shared memory).
-    stages: int = 1
     #: Tile and warps of the top-n keys kernel.
     row_tile: int = 1024
     row_warps: int = 4
@@ -271,7 +268,7 @@ def run(step):
         ws["cval"], ws["cidx"], cfg.cap,
         PREP=prep, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen, NST=cfg.stages,
+        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen, 
         num_warps=cfg.scan_warps, enable_fp_fusion=False,
     )
     K._finish_kernel[(rows,)](
