@@ -473,10 +473,18 @@ def plot(records, path):
             ax.set_xlabel("batch")
             ax.set_ylabel("time / one read")
             ax.grid(True, which="both", alpha=0.3)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
+    # one legend for every method of every panel (not each panel's subset)
+    handles = [plt.Line2D([], [], color=color[m], marker="o", label=m) for m in methods]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(methods), 4), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
+
+
+def replot(json_path):
+    """Redraw the PNG beside a saved gpu_bench.json (python bench/bench_gpu.py --replot FILE)."""
+    with open(json_path) as f:
+        data = json.load(f)
+    plot(data["records"], os.path.splitext(json_path)[0] + ".png")
 
 
 def main(argv=None):
@@ -496,7 +504,10 @@ def main(argv=None):
                     help="NAME:field=value,... extra runs of ours with changed launch.Config fields (first shape)")
     ap.add_argument("--warm-flashinfer-only", action="store_true",
                     help="only build FlashInfer's JIT modules (gpu_run.sh runs it alongside the tests)")
+    ap.add_argument("--replot", help="only redraw the plot of a saved gpu_bench.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        return replot(args.replot)
     os.makedirs(args.out, exist_ok=True)
     records, skipped, meta = run(args)
     if args.warm_flashinfer_only:
