@@ -51,13 +51,14 @@ class Config:
     #: Scan: penalty bitmask words loaded two tiles ahead and penalised values one tile ahead
     #: (bench/NOTES.md, v4; S4 163 vs 193 us at B = 256). 0 = the lookups inside the loop step.
     pen_prefetch: int = 1
-    #: The finish (one warp per row): up to finish_regs candidates held in registers, more
+    #: The finish (one program per row): up to finish_regs candidates held in registers, more
     #: read finish_tile slots at a time; top-p over <= finish_pairs top-k survivors compares
-    #: all pairs instead of bisecting.
+    #: all pairs instead of bisecting. 4 warps: 9.8 us at B = 1 against 17.8 us with one warp,
+    #: whose ~5000 dependent instructions were latency-bound (bench/NOTES.md, v6).
     finish_tile: int = 128
     finish_regs: int = 1024
     finish_pairs: int = 64
-    finish_warps: int = 1
+    finish_warps: int = 4
     #: Tile and warps of the exact fallback (16 digit bins per element: keep the tile modest).
     fallback_tile: int = 256
     fallback_warps: int = 8

@@ -921,9 +921,8 @@ def _finish_kernel(
     ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
     CP: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr,
 ):
-    """One row per program (a single warp: every reduction is a few shuffles). Rows whose
-    candidates do not cover the survivors get status 2 and are finished by the fallback
-    kernel launched next."""
+    """One row per program. Rows whose candidates do not cover the survivors get status 2 and
+    are finished by the fallback kernel launched next."""
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     base = b64 * C
