@@ -219,13 +219,42 @@ def _gumbel_key(z, u, v, thr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _ids(row_ptr, i0, lanes, L, V):
+    """History ids i0 + lanes of a row of length L: (positions, in-range flags, ids as int32 with
+    0 where not in range). Padding, garbage and int64 extremes are simply out of range."""
+    i = i0 + lanes
+    t = tl.load(row_ptr + i, mask=i < L, other=-1)
+    ok = (t >= 0) & (t < V) & (i < L)
+    return i, ok, tl.where(ok, t, 0).to(tl.int32)
+
+
+@triton.jit
+def _bit(word, t):
+    """Bit t % 32 of a bitmask word, as a boolean."""
+    return ((word >> (t & 31)) & 1) != 0
+
+
+@triton.jit
+def _set_bits(bits_row, ts, ok):
+    tl.atomic_or(bits_row + (ts >> 5), tl.full(ts.shape, 1, tl.int32) << (ts & 31), mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _minp_cut(m, mp):
+    """A value below which no token survives min-p given the row max m: m + log(min_p), minus a
+    margin that only admits a few extra candidates for rounding, never drops one."""
+    lmp = tl.log(tl.maximum(mp, 1e-30))
+    return m + lmp - (tl.abs(m) + tl.abs(lmp) + 1.0) * 1e-5
+
+
+@triton.jit
 def _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr,
           FAST: tl.constexpr):
     """Penalised, tempered ``z`` from loaded logits ``x`` (float32; masked lanes -inf)."""
     z = x
     if HAS_PEN:
         word = tl.load(bits_row + (offs >> 5), mask=mask, other=0)
-        hit = ((word >> (offs & 31)) & 1) != 0
+        hit = _bit(word, offs)
         zp = tl.load(zpen_row + offs, mask=mask & hit, other=0.0)
         z = tl.where(hit, zp, z)
     if HAS_TEMP:
@@ -321,9 +350,7 @@ def _position_key(
         if HAS_OUT:
             acc = tl.zeros([BL], tl.int64)
             for i0 in range(0, O, BL):
-                i = i0 + lanes
-                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
-                ok = (t >= 0) & (t < V) & (i < O)
+                i, ok, ts = _ids(out_ptr + b64 * out_stride, i0, lanes, O, V)
                 if HAS_COUNTS:
                     w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int64)
                 else:
@@ -380,6 +407,8 @@ def _prep_kernel(
         zrow = zpen_ptr + b64 * V
         zrow_i = zrow.to(tl.pointer_type(tl.int32))
         x_row = x_ptr + b64 * x_stride
+        rep_row = rep_ptr + b64 * rep_stride
+        out_row = out_ptr + b64 * out_stride
         wl = tl.arange(0, BW)
         for w0 in range(0, W, BW):
             tl.store(bits_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
@@ -389,27 +418,18 @@ def _prep_kernel(
         # Phase 1: membership bits; zeroed count slots for the output ids.
         if PEN_REP:
             for i0 in range(0, R, BL):
-                i = i0 + lanes
-                t = tl.load(rep_ptr + b64 * rep_stride + i, mask=i < R, other=-1)
-                ok = (t >= 0) & (t < V) & (i < R)
-                ts = tl.where(ok, t, 0).to(tl.int32)
-                tl.atomic_or(bits_row + (ts >> 5), tl.full([BL], 1, tl.int32) << (ts & 31), mask=ok, sem="relaxed")
+                i, ok, ts = _ids(rep_row, i0, lanes, R, V)
+                _set_bits(bits_row, ts, ok)
         if PEN_OUT:
             for i0 in range(0, O, BL):
-                i = i0 + lanes
-                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
-                ok = (t >= 0) & (t < V) & (i < O)
-                ts = tl.where(ok, t, 0).to(tl.int32)
-                tl.atomic_or(obits_row + (ts >> 5), tl.full([BL], 1, tl.int32) << (ts & 31), mask=ok, sem="relaxed")
+                i, ok, ts = _ids(out_row, i0, lanes, O, V)
+                _set_bits(obits_row, ts, ok)
                 tl.store(zrow_i + ts, tl.zeros([BL], tl.int32), mask=ok)
         tl.debug_barrier()
         if PEN_OUT:
             # Phase 2: occurrence counts, accumulated in the (int32 view of the) zpen slots.
             for i0 in range(0, O, BL):
-                i = i0 + lanes
-                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
-                ok = (t >= 0) & (t < V) & (i < O)
-                ts = tl.where(ok, t, 0).to(tl.int32)
+                i, ok, ts = _ids(out_row, i0, lanes, O, V)
                 if HAS_COUNTS:
                     w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int32)
                 else:
@@ -418,10 +438,7 @@ def _prep_kernel(
             tl.debug_barrier()
             # Phase 3: every entry reads its token's total before any slot is overwritten.
             for i0 in range(0, O, BL):
-                i = i0 + lanes
-                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
-                ok = (t >= 0) & (t < V) & (i < O)
-                ts = tl.where(ok, t, 0).to(tl.int32)
+                i, ok, ts = _ids(out_row, i0, lanes, O, V)
                 c = tl.load(zrow_i + ts, mask=ok, other=0, cache_modifier=".cg")
                 tl.store(ctmp_ptr + b64 * O + i, c, mask=i < O)
             tl.debug_barrier()
@@ -431,15 +448,12 @@ def _prep_kernel(
         pp = tl.load(pp_ptr + b)
         if PEN_OUT:
             for i0 in range(0, O, BL):
-                i = i0 + lanes
-                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
-                ok = (t >= 0) & (t < V) & (i < O)
-                ts = tl.where(ok, t, 0).to(tl.int32)
+                i, ok, ts = _ids(out_row, i0, lanes, O, V)
                 c = tl.load(ctmp_ptr + b64 * O + i, mask=ok, other=0)
                 z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
                 if PEN_REP:
                     word = tl.load(bits_row + (ts >> 5), mask=ok, other=0, cache_modifier=".cg")
-                    seen = ((word >> (ts & 31)) & 1) != 0
+                    seen = _bit(word, ts)
                     z = tl.where(seen, tl.where(z > 0, tl.math.div_rn(z, r), z * r), z)
                 hit = c > 0
                 z = tl.where(hit, z - f * c.to(tl.float32), z)
@@ -447,13 +461,10 @@ def _prep_kernel(
                 tl.store(zrow + ts, z, mask=ok)
         if PEN_REP:
             for i0 in range(0, R, BL):
-                i = i0 + lanes
-                t = tl.load(rep_ptr + b64 * rep_stride + i, mask=i < R, other=-1)
-                ok = (t >= 0) & (t < V) & (i < R)
-                ts = tl.where(ok, t, 0).to(tl.int32)
+                i, ok, ts = _ids(rep_row, i0, lanes, R, V)
                 if PEN_OUT:
                     oword = tl.load(obits_row + (ts >> 5), mask=ok, other=0, cache_modifier=".cg")
-                    ok = ok & (((oword >> (ts & 31)) & 1) == 0)
+                    ok = ok & (_bit(oword, ts) == 0)
                 z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
                 z = tl.where(z > 0, tl.math.div_rn(z, r), z * r)
                 tl.store(zrow + ts, z, mask=ok)
@@ -461,11 +472,8 @@ def _prep_kernel(
             tl.debug_barrier()
             # Phase 5: one bitmask for the scan (output-only tokens join the repetition bits).
             for i0 in range(0, O, BL):
-                i = i0 + lanes
-                t = tl.load(out_ptr + b64 * out_stride + i, mask=i < O, other=-1)
-                ok = (t >= 0) & (t < V) & (i < O)
-                ts = tl.where(ok, t, 0).to(tl.int32)
-                tl.atomic_or(bits_row + (ts >> 5), tl.full([BL], 1, tl.int32) << (ts & 31), mask=ok, sem="relaxed")
+                i, ok, ts = _ids(out_row, i0, lanes, O, V)
+                _set_bits(bits_row, ts, ok)
     if PIVOT:
         if PEN_REP or PEN_OUT:
             tl.debug_barrier()
@@ -501,7 +509,7 @@ def _pivot(x_row, bits_row, zpen_row, b, V, temp_ptr, greedy_ptr, topk_ptr, topp
         if HAS_PEN:
             # this program wrote the table (atomics land in the L2): bypass the L1
             word = tl.load(bits_row + (pos >> 5), mask=mask, other=0, cache_modifier=".cg")
-            hit = ((word >> (pos & 31)) & 1) != 0
+            hit = _bit(word, pos)
             zp = tl.load(zpen_row + pos, mask=mask & hit, other=0.0, cache_modifier=".cg")
             z = tl.where(hit, zp, z)
         if HAS_TEMP:
@@ -511,8 +519,7 @@ def _pivot(x_row, bits_row, zpen_row, b, V, temp_ptr, greedy_ptr, topk_ptr, topp
         ns = tl.minimum(V, NS)
         kz = _okey(z)
         ms = tl.max(tl.where(valid, z, float("-inf")))
-        lmp = tl.log(tl.maximum(mp, 1e-30))
-        thm = ms + lmp - (tl.abs(ms) + tl.abs(lmp) + 1.0) * 1e-5
+        thm = _minp_cut(ms, mp)
         if nvalid > 0:
             if active_k:
                 j = tl.maximum(tl.minimum((k * ns + V - 1) // V + J0, nvalid), 1)
@@ -619,7 +626,7 @@ def _scan_kernel(
             # penalised value one tile ahead, so neither latency sits in the tile's critical path.
             o0 = start + lanes
             w0 = tl.load(bits_row + (o0 >> 5), mask=o0 < end, other=0)
-            hitn = ((w0 >> (o0 & 31)) & 1) != 0
+            hitn = _bit(w0, o0)
             zpn = tl.load(zpen_row + o0, mask=(o0 < end) & hitn, other=0.0)
             o1 = o0 + TILE
             wn = tl.load(bits_row + (o1 >> 5), mask=o1 < end, other=0)
@@ -632,7 +639,7 @@ def _scan_kernel(
                 hit = hitn
                 zp = zpn
                 o1 = offs + TILE
-                hitn = ((wn >> (o1 & 31)) & 1) != 0
+                hitn = _bit(wn, o1)
                 zpn = tl.load(zpen_row + o1, mask=(o1 < end) & hitn, other=0.0)
                 o2 = o1 + TILE
                 wn = tl.load(bits_row + (o2 >> 5), mask=o2 < end, other=0)
@@ -834,9 +841,8 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
         # largest value is >= theta), the min-p set if theta is below the min-p cut of the
         # row's max, and the nucleus (top-p without top-k) if their mass reaches p of the
         # row's (the scan's log-sum-exp).
-        lmp = tl.log(tl.maximum(mp, 1e-30))
         cover_k = active_k & (cnt >= k)
-        cover_m = (mp > 0.0) & (th <= m + lmp - (tl.abs(m) + tl.abs(lmp) + 1.0) * 1e-5)
+        cover_m = (mp > 0.0) & (th <= _minp_cut(m, mp))
         covered = cover_k | cover_m
         pw = p.to(tl.float64) * kmass.to(tl.float64)
         if active_p:
