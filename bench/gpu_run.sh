@@ -3,7 +3,7 @@
 #   GPU tests at realistic sizes, the same tests once under compute-sanitizer memcheck, and the
 #   benchmark. Logs and results go to $OUT (default: bench/results/run). Short summary last.
 #
-# Environment: STAGES (default "tests sanitizer bench"; also "cache" and "fibuild"), BENCH_ARGS (extra bench_gpu.py flags),
+# Environment: STAGES (default "tests sanitizer bench"; also "cache", "ncu" and "fibuild"), BENCH_ARGS (extra bench_gpu.py flags),
 # OUT, and per-stage time limits T_TESTS / T_SAN / T_BENCH (seconds). Wheels in .whl/ (flashinfer-python, apache-tvm-ffi) are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +58,15 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
   rc=$?
   tail -n 25 "$OUT/sanitizer.log"
   summary+=("sanitizer (memcheck) rc=$rc: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer.log" | tail -n 2 | tr '\n' ' ') ($((SECONDS - t0)) s)")
+fi
+if [[ " $STAGES " == *" ncu "* ]]; then
+  t0=$SECONDS
+  # Nsight Compute on the second call of each scenario (NCU_ARGS: bench/ncu_calls.py flags)
+  timeout "${T_NCU:-240}" ncu --clock-control none --kernel-name regex:"_prep|_scan|_finish|_fallback" \
+    --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section LaunchStats --page details \
+    python3 bench/ncu_calls.py ${NCU_ARGS:-} >"$OUT/ncu.log" 2>&1
+  summary+=("ncu rc=$?: $((SECONDS - t0)) s")
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   t0=$SECONDS
