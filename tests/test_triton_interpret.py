@@ -104,6 +104,34 @@ def _stream_probe(out_ptr, g_ptr, lo, hi, pos, N: tl.constexpr):
     tl.store(g_ptr + N + t, K._gumbel(key, t, False).to(tl.float64))
 
 
+@triton.jit
+def _y_threshold_probe(th_ptr, t_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    th = tl.load(th_ptr + i)
+    t = tl.load(t_ptr + i)
+    tl.store(out_ptr + i, K._y_threshold(th, t, t, False))
+
+
+def test_y_threshold_is_the_exact_preimage():
+    # The scan selects candidates by y >= yth instead of y / T >= theta: yth must be the
+    # smallest float32 whose correctly rounded quotient reaches theta, for every theta and T.
+    rng = np.random.default_rng(7)
+    n = 512
+    th = (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 4, n)).astype(np.float32)
+    th[:8] = [0.0, -0.0, np.inf, -np.inf, 1e-38, -1e-38, 3e38, -3e38]
+    T = np.exp(rng.uniform(np.log(0.05), np.log(20.0), n)).astype(np.float32)
+    T[:8] = [0.7, 1.3, 0.7, 0.7, 0.25, 3.0, 0.5, 2.0]
+    out = torch.zeros(n, dtype=torch.float32)
+    _y_threshold_probe[(1,)](torch.from_numpy(th), torch.from_numpy(T), out, N=n)
+    y = out.numpy()
+    with np.errstate(over="ignore"):
+        assert (y / T >= th).all()
+        below = np.nextafter(y, np.float32(-np.inf))
+        fin = np.isfinite(th) & (y > -np.inf)
+        assert (below[fin] / T[fin] < th[fin]).all()
+    np.testing.assert_array_equal(y[2:4], [np.inf, -np.inf])
+
+
 def test_stream_matches_numpy_bit_for_bit():
     lo, hi, pos = 0xFEDCBA98, 0x0BADF00D, 12345
     out = torch.zeros(1024, dtype=torch.int64)
@@ -148,8 +176,8 @@ PATHS = {
     "k_beyond_slots": (dict(top_k=[30, 25, 20, 28], top_p=[0.9, 1.0, 0.7, 0.95]), dict(WHOLE, cap=16), [2, 2, 2, 2]),
     # more candidates found than slots (flat rows, a low min-p cut)
     "row_overflow": (dict(min_p=[0.01, 0.02, 0.05, 0.01], temperature=[9.0, 9.0, 9.0, 9.0]), dict(cap=16), [2, 2, 2, 2]),
-    # a work item finds more than its private slots
-    "item_overflow": (dict(top_k=[5, 12, 20, 3]), dict(WHOLE, item_slots=2, item_share=0), [2, 2, 2, 2]),
+    # a tile position of a work item finds more candidates than its private slots
+    "item_overflow": (dict(top_k=[40, 45, 50, 60]), dict(WHOLE, emit_depth=1), [2, 2, 2, 2]),
     # one chunk per row
     "one_chunk": (dict(top_k=[8, 5, 3, 1], top_p=[1.0, 0.9, 1.0, 0.5]), dict(WHOLE, programs_per_sm=1), [0, 0, 0, 0]),
 }

@@ -39,11 +39,11 @@ class Config:
     pivot_j0: int = 12
     #: Candidate slots per row; more candidates send the row to the fallback.
     cap: int = 2048
-    #: Private candidate slots per scan work item: item_share x its even share of ``cap``,
-    #: at least item_slots (and at most ``cap``); an item that finds more sends its row to the
-    #: fallback.
-    item_share: int = 4
-    item_slots: int = 256
+    #: Private candidate slots of a scan work item: each of the ``tile`` positions of its tiles
+    #: appends to its own column of emit_depth slots (no prefix sums in the loop); a position
+    #: that finds more sends its row to the fallback. 16 keeps that below ~1e-10 per call for
+    #: randn-like rows at every batch size (bench/NOTES.md, v7).
+    emit_depth: int = 16
     #: Persistent scan programs per SM (the scan grid is SMs x this, or the work items).
     programs_per_sm: int = 16
     #: A chunk spans >= min_chunk_tiles tiles.
@@ -69,8 +69,8 @@ class Config:
 
 GPU_CONFIG = Config()
 #: Small shapes under TRITON_INTERPRET=1, so that CPU tests visit every code path.
-INTERPRET_CONFIG = Config(tile=32, prep_block=16, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64, item_slots=16,
-                          programs_per_sm=2, min_chunk_tiles=1, finish_tile=16, finish_regs=32, finish_pairs=8, fallback_tile=32, fallback_warps=1)
+INTERPRET_CONFIG = Config(tile=32, prep_block=16, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64,
+                          programs_per_sm=2, min_chunk_tiles=1, emit_depth=4, finish_tile=16, finish_regs=32, finish_pairs=8, fallback_tile=32, fallback_warps=1)
 
 _override: Optional[Config] = None
 #: Tests set this to a dict to receive a copy of each row's status after the call
@@ -119,19 +119,15 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _item_slots(chunks: int, cfg: Config) -> int:
-    return min(cfg.cap, max(cfg.item_slots, _p2(cfg.item_share * cfg.cap // chunks)))
-
-
 def _workspace(state: Dict[str, Any], device, rows: int, vocab: int, chunks: int, cfg: Config, pen: bool,
                trunc: bool):
     """Per-shape scratch buffers, kept in the sampler's state so graph replays reuse them."""
-    key = ("ws", device, rows, vocab, chunks, cfg.cap, _item_slots(chunks, cfg), pen, trunc)
+    key = ("ws", device, rows, vocab, chunks, cfg.cap, cfg.tile * cfg.emit_depth, pen, trunc)
     ws = state.get(key)
     if ws is None:
         n = rows * chunks
         words = triton.cdiv(vocab, 32)
-        slots = n * _item_slots(chunks, cfg) if trunc else 1
+        slots = n * cfg.tile * cfg.emit_depth if trunc else 1
         cands = rows * cfg.cap if trunc else 1
 
         def e(size, dtype):
@@ -140,7 +136,7 @@ def _workspace(state: Dict[str, Any], device, rows: int, vocab: int, chunks: int
         ws = dict(
             cm=e(n, torch.float32), cs=e(n, torch.float64), crm=e(n, torch.float32), crs=e(n, torch.float64),
             cflag=e(n, torch.int32), ckey=e(n, torch.float32), cid=e(n, torch.int32),
-            theta=e(rows, torch.float32), ncand=e(rows, torch.int32),
+            theta=e(rows, torch.float32), ythr=e(rows, torch.float32), ncand=e(rows, torch.int32),
             pv=e(slots, torch.float32), pi=e(slots, torch.int32),
             cval=e(cands, torch.float32), cidx=e(cands, torch.int32), cw=e(cands, torch.int64),
             lsea=e(rows, torch.float64),
@@ -254,7 +250,7 @@ def run(step):
             *seeds,
             ws["bits"], ws["obits"], ws["zpen"], ctmp,
             ws["rowkey"], ws["ncand"],
-            *common, ws["theta"], cfg.cap,
+            *common, ws["theta"], ws["ythr"], cfg.cap,
             HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, **hflags,
             PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
             BL=cfg.prep_block, BW=16 if interpreting() else 1024,
@@ -265,12 +261,11 @@ def run(step):
         *common, ws["rowkey"],
         ws["bits"], words, ws["zpen"],
         ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
-        *hist, *seeds, ws["theta"], ws["ncand"], ws["pv"], ws["pi"], _item_slots(chunks, cfg),
-        ws["cval"], ws["cidx"], cfg.cap,
+        *hist, *seeds, ws["ythr"], ws["ncand"], ws["pv"], ws["pi"], ws["cval"], ws["cidx"], cfg.cap,
         PREP=prep, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen, 
-        num_warps=cfg.scan_warps, enable_fp_fusion=False,
+        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen,
+        D=cfg.emit_depth, num_warps=cfg.scan_warps, enable_fp_fusion=False,
     )
     K._finish_kernel[(rows,)](
         x, x.stride(0), vocab, chunks,

@@ -248,6 +248,19 @@ def _minp_cut(m, mp):
 
 
 @triton.jit
+def _y_threshold(th, T, Y, FAST: tl.constexpr):
+    """The smallest float32 y with y / T (correctly rounded) >= th: rounded division is
+    monotone, so ``y >= _y_threshold(th)`` is exactly ``y / T >= th``. th * T is within two
+    ulps of it; the steps walk the float32 keys to the boundary."""
+    ky = _okey(th * T)
+    for _ in range(4):
+        ky = tl.where(_div(_ofloat(ky), T, Y, FAST) < th, ky + 1, ky)
+    for _ in range(4):
+        ky = tl.where(_div(_ofloat(ky - 1), T, Y, FAST) >= th, ky - 1, ky)
+    return tl.where((th > float("-inf")) & (th < float("inf")), _ofloat(ky), th)
+
+
+@triton.jit
 def _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr,
           FAST: tl.constexpr):
     """Penalised, tempered ``z`` from loaded logits ``x`` (float32; masked lanes -inf)."""
@@ -387,7 +400,7 @@ def _prep_kernel(
     samp_lo, samp_hi, call_ptr,
     bits_ptr, obits_ptr, zpen_ptr, ctmp_ptr,
     rowkey_ptr, ncand_ptr,
-    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, CAP,
+    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
     HAS_REP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
     PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, PIVOT: tl.constexpr, HAS_TEMP: tl.constexpr,
     FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr,
@@ -478,12 +491,12 @@ def _prep_kernel(
         if PEN_REP or PEN_OUT:
             tl.debug_barrier()
         _pivot(x_ptr + b64 * x_stride, bits_ptr + b64 * W, zpen_ptr + b64 * V, b, V,
-               temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, CAP,
+               temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
                PEN_REP or PEN_OUT, HAS_TEMP, FAST, NS, J0)
 
 
 @triton.jit
-def _pivot(x_row, bits_row, zpen_row, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, CAP,
+def _pivot(x_row, bits_row, zpen_row, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
            HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr):
     """The row's candidate threshold ``theta`` (+inf: no candidates, the row takes the fallback).
 
@@ -496,9 +509,9 @@ def _pivot(x_row, bits_row, zpen_row, b, V, temp_ptr, greedy_ptr, topk_ptr, topp
     """
     greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
     th = tl.full([], float("inf"), tl.float32)
+    T = tl.load(temp_ptr + b)
+    Y = _recip(T, FAST)
     if trunc:
-        T = tl.load(temp_ptr + b)
-        Y = _recip(T, FAST)
         i = tl.arange(0, NS)
         full = V <= NS
         spread = ((i >> 3).to(tl.int64) * V // (NS // 8)).to(tl.int32) + (i & 7)
@@ -551,6 +564,11 @@ def _pivot(x_row, bits_row, zpen_row, b, V, temp_ptr, greedy_ptr, topk_ptr, topp
                 if j * (V // ns) <= CAP:
                     th = _ofloat(_key_near_rank(kz, valid, j))
     tl.store(theta_ptr + b, th)
+    # the scan compares the logits before the temperature
+    yth = th
+    if HAS_TEMP:
+        yth = _y_threshold(th, T, Y, FAST)
+    tl.store(ythr_ptr + b, yth)
 
 
 # ----------------------------------------------------------------------------- scan
@@ -563,14 +581,21 @@ def _scan_kernel(
     bits_ptr, W, zpen_ptr,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
-    samp_lo, samp_hi, call_ptr, theta_ptr, ncand_ptr, pv_ptr, pi_ptr, CAPI, cval_ptr, cidx_ptr, CAP,
+    samp_lo, samp_hi, call_ptr, ythr_ptr, ncand_ptr, pv_ptr, pi_ptr, cval_ptr, cidx_ptr, CAP,
     PREP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr,
-    NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, PF: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, PF: tl.constexpr, D: tl.constexpr,
 ):
     """Persistent: program p takes work items p, p + P, ... (item w is chunk w // B of row
-    w % B)."""
+    w % B).
+
+    The loop works on the penalised logits ``y`` *before* the temperature, z = y / T: the
+    division is monotone, so the row max, the candidates (y >= the prep's y-threshold, the
+    exact preimage of ``z >= theta``) and the greedy argmax are exact without dividing each
+    element; only the candidates and the chunk max are divided (exactly) when the item ends.
+    The log-sum-exp and the Gumbel keys use z ~ y * (1/T) (within an ulp; they are
+    approximations anyway, and the finish recomputes the chosen token's z exactly)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, TILE)
@@ -585,6 +610,10 @@ def _scan_kernel(
         end = tl.minimum(start + CH, V)
         T = tl.load(temp_ptr + b)
         Y = _recip(T, FAST)
+        ys = tl.full([], 1.0, tl.float32)  # z ~ y * ys
+        if HAS_TEMP:
+            ys = 1.0 / T
+        c2 = ys * LOG2E
         greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
         gum_row = (trunc == 0) & (greedy == 0)
         if PREP:
@@ -596,14 +625,15 @@ def _scan_kernel(
                                shi_ptr, samp_lo, samp_hi, call_ptr, HAS_OUT, HAS_COUNTS, HAS_POS, 256)
             if c == 0:
                 tl.store(rowkey_ptr + b, rk.to(tl.int64))
-        # candidates of truncated rows: z >= theta, into this item's private slots
-        th = tl.full([], float("inf"), tl.float32)
+        # candidates of truncated rows: y >= yth. Tile position j appends to its own column of
+        # D private slots (slot = count_j * TILE + j): no prefix sums, no atomics in the loop.
+        yth = tl.full([], float("inf"), tl.float32)
         if ANY_TRUNC:
-            th = tl.load(theta_ptr + b)
-        pbase = (b64 + c * B) * CAPI  # item w = c * B + b, in int64
-        cn = tl.zeros([], tl.int32)
+            yth = tl.load(ythr_ptr + b)
+        pbase = (b64 + c * B) * (D * TILE)  # item w = c * B + b, in int64
+        ccnt = tl.zeros([TILE], tl.int32)
 
-        nan_vec = tl.full([TILE], float("-inf"), tl.float32)
+        ymax = tl.full([TILE], float("-inf"), tl.float32)
         # Row log-sum-exp against the running chunk max m_row (a scalar, raised tile by tile):
         # s_vec sums exp(z - m_row) over elements strictly below it; elements equal to m_row
         # are counted in n_at, and former maxima, once overtaken, move to s_extra. The sum of
@@ -643,47 +673,44 @@ def _scan_kernel(
                 zpn = tl.load(zpen_row + o1, mask=(o1 < end) & hitn, other=0.0)
                 o2 = o1 + TILE
                 wn = tl.load(bits_row + (o2 >> 5), mask=o2 < end, other=0)
-                z = tl.where(hit, zp, x)
-                if HAS_TEMP:
-                    z = _div(z, T, Y, FAST)
+                y = tl.where(hit, zp, x)
             else:
-                z = _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+                y = _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, False, FAST)
             # NaN-propagating max: one instruction flags NaN (and +inf shows in the max).
-            nan_vec = tl.maximum(nan_vec, z, propagate_nan=tl.PropagateNan.ALL)
+            ymax = tl.maximum(ymax, y, propagate_nan=tl.PropagateNan.ALL)
             if NEED_S or ANY_GUMBEL:
-                tmax = tl.max(z)
+                tmax = tl.max(y)
                 if tmax >= m_row:
                     if tmax > m_row:
-                        f = tl.exp2((m_row - tmax) * LOG2E)
+                        f = tl.exp2((m_row - tmax) * c2)
                         s_vec = s_vec * f
                         s_extra = (s_extra + n_at) * f
                         n_at = tl.zeros([], tl.float32)
                         m_row = tmax
-                        ml2 = tmax * LOG2E
-                    n_at += tl.sum((z == m_row).to(tl.float32))
-                e = tl.exp2(tl.fma(z, LOG2E, -ml2))
+                        ml2 = tmax * c2
+                    n_at += tl.sum((y == m_row).to(tl.float32))
+                e = tl.exp2(tl.fma(y, c2, -ml2))
                 if NEED_S:
-                    s_vec += tl.where(z < m_row, e, 0.0)
+                    s_vec += tl.where(y < m_row, e, 0.0)
             if NEED_RAW:
                 rs_vec = _lse_update(rs_vec, rm_vec, x)
                 rm_vec = tl.maximum(rm_vec, x)
             if ANY_TRUNC:
-                sel = z >= th
-                n = tl.sum(sel.to(tl.int32))
-                if n > 0:
-                    slot = cn + tl.cumsum(sel.to(tl.int32), 0) - 1
-                    keep = sel & (slot < CAPI)
-                    tl.store(pv_ptr + pbase + slot, z, mask=keep)
-                    tl.store(pi_ptr + pbase + slot, offs, mask=keep)
-                    cn += n
+                sel = y >= yth
+                if tl.max(sel.to(tl.int32)) > 0:
+                    slot = pbase + ccnt * TILE + lanes
+                    keep = sel & (ccnt < D)
+                    tl.store(pv_ptr + slot, y, mask=keep)
+                    tl.store(pi_ptr + slot, offs, mask=keep)
+                    ccnt += sel.to(tl.int32)
             if ANY_PLAIN:
-                key = z
+                key = y  # greedy rows have T = 1
                 if ANY_GUMBEL:
-                    # exp(z - kb_row) = e * exp(m_row - kb_row); 0.1% slack covers the rounding
+                    # exp(z - kb_row) = e * exp(m_row / T - kb_row); 0.1% slack covers the rounding
                     cb = tl.where(kb_row == float("-inf"), float("inf"),
-                                  tl.exp2((m_row - kb_row) * LOG2E) * 1.001)
+                                  tl.exp2((m_row * ys - kb_row) * LOG2E) * 1.001)
                     u, v = _uv(rk, offs)
-                    key = tl.where(gum_row, _gumbel_key(z, u, v, e * cb, FAST), z)
+                    key = tl.where(gum_row, _gumbel_key(y * ys, u, v, e * cb, FAST), y)
                 better = key > kb
                 kb = tl.where(better, key, kb)
                 ki = tl.where(better, offs, ki)
@@ -691,8 +718,11 @@ def _scan_kernel(
                     kb_row = tl.maximum(kb_row, tl.max(key))
 
         ws = b64 * C + c
-        m_c = tl.max(nan_vec)
-        bad_c = (tl.max((nan_vec != nan_vec).to(tl.int32)) > 0) | (m_c == float("inf"))
+        y_c = tl.max(ymax)
+        m_c = y_c
+        if HAS_TEMP:
+            m_c = _div(y_c, T, Y, FAST)
+        bad_c = (tl.max((ymax != ymax).to(tl.int32)) > 0) | (m_c == float("inf"))
         tl.store(cflag_ptr + ws, bad_c.to(tl.int32) | ((m_c > float("-inf")).to(tl.int32) << 1))
         tl.store(cm_ptr + ws, m_c)
         if NEED_S:
@@ -708,22 +738,28 @@ def _scan_kernel(
             tl.store(ckey_ptr + ws, kbest)
             tl.store(cid_ptr + ws, ibest)
         if ANY_TRUNC:
-            if cn > CAPI:
-                # the item's slots overflowed: the row can only take the fallback
+            nj = tl.minimum(ccnt, D)
+            tot = tl.sum(nj)
+            if tl.max(ccnt) > D:
+                # a tile position's slots overflowed: the row can only take the fallback
                 tl.atomic_add(ncand_ptr + b, CAP + 1, sem="relaxed")
-            elif cn > 0:
-                # one atomic per item: room in the row's list, then a copy of the private slots
-                # (written by this warp just now: the barrier makes them visible to every lane)
+            elif tot > 0:
+                # one atomic per item: room in the row's list, then the private slots are
+                # copied there as z = y / T (written by this warp just now: the barrier makes
+                # them visible to every lane)
                 tl.debug_barrier()
-                base = tl.atomic_add(ncand_ptr + b, cn, sem="relaxed")
-                for j0 in range(0, cn, TILE):
-                    jj = j0 + lanes
-                    mv = (jj < cn) & (base + jj < CAP)
-                    val = tl.load(pv_ptr + pbase + jj, mask=mv, other=0.0)
-                    idx = tl.load(pi_ptr + pbase + jj, mask=mv, other=0)
-                    dst = b64 * CAP + base + jj
-                    tl.store(cval_ptr + dst, val, mask=mv)
-                    tl.store(cidx_ptr + dst, idx, mask=mv)
+                base = tl.atomic_add(ncand_ptr + b, tot, sem="relaxed")
+                dst0 = base + tl.cumsum(nj, 0) - nj
+                for d in range(0, tl.max(nj)):
+                    mk = d < nj
+                    val = tl.load(pv_ptr + pbase + d * TILE + lanes, mask=mk, other=0.0)
+                    idx = tl.load(pi_ptr + pbase + d * TILE + lanes, mask=mk, other=0)
+                    if HAS_TEMP:
+                        val = _div(val, T, Y, FAST)
+                    dst = dst0 + d
+                    ok = mk & (dst < CAP)
+                    tl.store(cval_ptr + b64 * CAP + dst, val, mask=ok)
+                    tl.store(cidx_ptr + b64 * CAP + dst, idx, mask=ok)
 
 
 # ----------------------------------------------------------------------------- finish
