@@ -56,7 +56,7 @@ def record(scenario: str, rows: int, vocab: int, path: str) -> None:
                                                        and a % 16 == 0):
                         sig.setdefault("__div16", []).append(p.name)
                 for k, v in kwargs.items():
-                    if k in ("num_warps", "enable_fp_fusion", "num_stages"):
+                    if k in ("num_warps", "enable_fp_fusion", "num_stages", "maxnreg"):
                         consts["__opt_" + k] = v
                     else:
                         consts[k] = v

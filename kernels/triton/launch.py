@@ -113,6 +113,10 @@ def _chunking(rows: int, vocab: int, cfg: Config, nprog: int):
     return triton.cdiv(vocab, length), length
 
 
+def _scan_regs(cfg: Config) -> int:
+    return min(255, 65536 // (cfg.programs_per_sm * 32 * cfg.scan_warps)) // 8 * 8
+
+
 def _sms(device) -> int:
     if device.type != "cuda":
         return 4
@@ -266,6 +270,10 @@ def run(step):
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
         NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen,
         D=cfg.emit_depth, num_warps=cfg.scan_warps, enable_fp_fusion=False,
+        # every persistent program must be resident at once: cap the registers so that
+        # programs_per_sm of them fit in the SM's 64K (a 16th program left over to a second
+        # wave doubled S3's scan: bench/NOTES.md, v7)
+        maxnreg=_scan_regs(cfg),
     )
     K._finish_kernel[(rows,)](
         x, x.stride(0), vocab, chunks,
