@@ -146,8 +146,6 @@ def _workspace(state: Dict[str, Any], device, rows: int, vocab: int, chunks: int
             lsea=e(rows, torch.float64),
             rowkey=e(rows, torch.int64), status=e(rows, torch.int32), tau=e(rows, torch.float32),
             lse=e(rows, torch.float64),
-            bits=e(rows * words if pen else 1, torch.int32), obits=e(rows * words if pen else 1, torch.int32),
-            zpen=e(rows * vocab if pen else 1, torch.float32),
         )
         state[key] = ws
     return ws
@@ -228,10 +226,13 @@ def run(step):
     ws = _workspace(step.state, dev, rows, vocab, chunks, cfg, pen, any_trunc)
     counter = _call_counter(step.state, dev, step.call)
     dummy = ws["status"]
-    ctmp = torch.empty(rows * O if pen_out else 1, dtype=torch.int32, device=dev)
     positions = step.positions
     seed = int(step.sampler_seed)
     words = triton.cdiv(vocab, 32)
+    # the penalty table, per row: bitmask, its word prefix, R + O value and state slots
+    # (pipeline._prep_kernel); sized by this call's history, so allocated per call
+    rs = 2 * words + 2 * (R + O) if pen else 0
+    pen_tab = torch.empty(max(rows * rs, 1), dtype=torch.int32, device=dev)
     tok = torch.empty(rows, dtype=torch.int64, device=dev)
     lp = torch.empty(rows, dtype=torch.float32, device=dev)
     P = prm
@@ -252,7 +253,7 @@ def run(step):
             *hist,
             P["repetition_penalty"], P["frequency_penalty"], P["presence_penalty"],
             *seeds,
-            ws["bits"], ws["obits"], ws["zpen"], ctmp,
+            pen_tab, rs,
             ws["rowkey"], ws["ncand"],
             *common, ws["theta"], ws["ythr"], cfg.cap,
             HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, **hflags,
@@ -263,7 +264,7 @@ def run(step):
     K._scan_kernel[(nprog,)](
         x, x.stride(0), vocab, chunk_len, chunks, rows, nitems,
         *common, ws["rowkey"],
-        ws["bits"], words, ws["zpen"],
+        pen_tab, words, rs,
         ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
         *hist, *seeds, ws["ythr"], ws["ncand"], ws["pv"], ws["pi"], ws["cval"], ws["cidx"], cfg.cap,
         PREP=prep, **hflags,
@@ -278,7 +279,7 @@ def run(step):
     K._finish_kernel[(rows,)](
         x, x.stride(0), vocab, chunks,
         *common, ws["rowkey"],
-        ws["bits"], words, ws["zpen"],
+        pen_tab, words, rs,
         ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
         ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], ws["cw"], cfg.cap,
         tok, lp, ws["status"], ws["tau"], ws["lse"], ws["lsea"], counter,
@@ -291,7 +292,7 @@ def run(step):
         K._fallback_kernel[(rows,)](
             x, x.stride(0), vocab, chunks,
             *common, ws["rowkey"],
-            ws["bits"], words, ws["zpen"], ws["cm"], ws["status"], ws["lsea"],
+            pen_tab, words, rs, ws["cm"], ws["status"], ws["lsea"],
             tok, lp, ws["tau"], ws["lse"],
             MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, CP=_p2(chunks), TILE=cfg.fallback_tile,
             num_warps=cfg.fallback_warps, enable_fp_fusion=False,
@@ -314,7 +315,7 @@ def run(step):
         K._topn_keys_kernel[(rows, chunks)](
             x, x.stride(0), vocab, chunk_len,
             *common,
-            ws["bits"], words, ws["zpen"], ws["tau"], keys,
+            pen_tab, words, rs, ws["tau"], keys,
             MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, TILE=cfg.row_tile,
             num_warps=cfg.row_warps, enable_fp_fusion=False,
         )

@@ -4,21 +4,20 @@ A call is a fixed sequence of launches whose grids depend only on ``B``, ``V`` a
 flags, with no device-to-host synchronisation, so it can be captured in a CUDA graph:
 
 ``prep`` (grid B; only with penalties or truncated rows, otherwise the scan derives the keys)
-    Stream position and key of each row; a sparse penalty table built from the history ids in
-    O(B*L): a bitmask ``bits[B, ceil(V/32)]`` of penalised tokens and their penalised values in
-    ``zpen[B, V]`` (written only at those tokens, never cleared or read elsewhere); and for
-    truncated rows a *pivot* ``theta``: a guess of a lower bound of the truncation threshold,
+    Stream position and key of each row; a compact penalty table built from the history ids in
+    O(B*(V/32 + L)): a bitmask of penalised tokens, the prefix of its words' set bits, and the
+    penalised values at each token's rank among them; for truncated rows a *pivot* ``theta``: a guess of a lower bound of the truncation threshold,
     from a strided sample of the row (the j-th largest of ~4096 sampled values, j chosen so the
     row holds a few hundred values above it), and for min-p rows the proven bound
     ``max(sample) + log(min_p)``.
 ``scan`` (persistent, one warp per program; the one read of the logits)
-    Work items are (row, chunk). Each computes the penalised, tempered values ``z`` once:
+    Work items are (row, chunk). Each computes the penalised values ``y`` (z = y / T) once:
     flags for NaN / +inf / no finite value, the chunk max, the log-sum-exp ("others" against a
     running max) when needed, the Gumbel-max argmax for rows without truncation (the noise's
     logs are skipped wherever they cannot change the winner), and for truncated rows every
-    element with ``z >= theta`` is appended to the item's private candidate slots (no atomics in
-    the loop); at the end of the item one atomic reserves room in the row's candidate list and
-    the slots are copied there.
+    element with ``z >= theta`` (exactly: ``y >= yth``) is appended to the item's private
+    candidate slots (no atomics in the loop); at the end of the item one atomic reserves room in
+    the row's candidate list and the slots are copied there, divided by T.
 ``finish`` (grid B)
     Verifies the pivot: the candidates hold every survivor if at least k of them were found
     (then the k-th largest value is >= theta) or theta is below the min-p cut of the row's true
@@ -261,14 +260,49 @@ def _y_threshold(th, T, Y, FAST: tl.constexpr):
 
 
 @triton.jit
-def _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr,
+def _popc(x, FAST: tl.constexpr):
+    """Set bits of each uint32 word."""
+    if FAST:
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _rank(word, pre, t, FAST: tl.constexpr):
+    """Slot of penalised token t in its row's compact table: the penalised tokens below it (the
+    prefix of its 32-bit bitmask word plus the set bits of the word below bit t)."""
+    below = (tl.full(t.shape, 1, tl.uint32) << (t & 31).to(tl.uint32)) - 1
+    return pre + _popc(word.to(tl.uint32) & below, FAST)
+
+
+@triton.jit
+def _pen_words(pen_row, offs, mask, W):
+    """The bitmask word and its prefix for each token (see :func:`_prep_kernel`)."""
+    word = tl.load(pen_row + (offs >> 5), mask=mask, other=0)
+    pre = tl.load(pen_row + W + (offs >> 5), mask=mask, other=0)
+    return word, pre
+
+
+@triton.jit
+def _pen_value(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr):
+    """(hit, penalised value before the temperature) from a token's bitmask word and prefix."""
+    hit = _bit(word, offs) & mask
+    zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
+    zp = tl.load(zrow + _rank(word, pre, offs, FAST), mask=hit, other=0.0)
+    return hit, zp
+
+
+@triton.jit
+def _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr,
           FAST: tl.constexpr):
     """Penalised, tempered ``z`` from loaded logits ``x`` (float32; masked lanes -inf)."""
     z = x
     if HAS_PEN:
-        word = tl.load(bits_row + (offs >> 5), mask=mask, other=0)
-        hit = _bit(word, offs)
-        zp = tl.load(zpen_row + offs, mask=mask & hit, other=0.0)
+        word, pre = _pen_words(pen_row, offs, mask, W)
+        hit, zp = _pen_value(pen_row, word, pre, offs, mask, W, FAST)
         z = tl.where(hit, zp, z)
     if HAS_TEMP:
         z = _div(z, T, Y, FAST)
@@ -276,10 +310,10 @@ def _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN: tl.constexpr, HAS_TE
 
 
 @triton.jit
-def _load_z(x_row, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr,
+def _load_z(x_row, offs, mask, pen_row, W, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr,
             FAST: tl.constexpr):
     x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    return x, _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+    return x, _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
 
 
 @triton.jit
@@ -385,7 +419,7 @@ def _position_key(
 # pointer's 16-byte alignment changes (the candidate counters are a view at offset 2 * B of
 # a workspace buffer, so their alignment flips with the parity of B; history tensors may be
 # views too). None of them is a vectorised row access.
-_HIST = ["rep_ptr", "rep_stride", "R", "out_ptr", "out_stride", "O", "cnt_ptr", "cnt_stride", "pos_ptr"]
+_HIST = ["rep_ptr", "rep_stride", "R", "out_ptr", "out_stride", "O", "cnt_ptr", "cnt_stride", "pos_ptr", "RS"]
 
 
 @triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr"] + _HIST)
@@ -398,7 +432,7 @@ def _prep_kernel(
     rp_ptr, fp_ptr, pp_ptr,
     hs_ptr, slo_ptr, shi_ptr,
     samp_lo, samp_hi, call_ptr,
-    bits_ptr, obits_ptr, zpen_ptr, ctmp_ptr,
+    pen_ptr, RS,
     rowkey_ptr, ncand_ptr,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
     HAS_REP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
@@ -415,88 +449,95 @@ def _prep_kernel(
     tl.store(rowkey_ptr + b, key.to(tl.int64))
 
     if PEN_REP or PEN_OUT:
-        bits_row = bits_ptr + b64 * W
-        obits_row = obits_ptr + b64 * W
-        zrow = zpen_ptr + b64 * V
-        zrow_i = zrow.to(tl.pointer_type(tl.int32))
+        # The row's penalty table, pen[b] = [bits: W words | prefix: W words | values: S | state: S]
+        # with S = R + O slots: bit t of the bitmask marks a penalised token, the prefix holds the
+        # set bits of the words before each word, so a penalised token's slot is its rank among
+        # the row's penalised tokens; values holds its penalised float32 value, state
+        # 2 * (output count) + (seen by the repetition penalty). Everything the scan reads is
+        # O(V / 32 + L) per row, written coalesced or into a few KB, not scattered over a
+        # [B, V] table (bench/NOTES.md, v7).
+        pen_row = pen_ptr + b64 * RS
+        S = (RS - 2 * W) // 2
+        zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
+        slot_row = pen_row + 2 * W + S
         x_row = x_ptr + b64 * x_stride
         rep_row = rep_ptr + b64 * rep_stride
         out_row = out_ptr + b64 * out_stride
         wl = tl.arange(0, BW)
         for w0 in range(0, W, BW):
-            tl.store(bits_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
-            if PEN_OUT:
-                tl.store(obits_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
+            tl.store(pen_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
+        for i0 in range(0, S, BW):
+            tl.store(slot_row + i0 + wl, tl.zeros([BW], tl.int32), mask=i0 + wl < S)
         tl.debug_barrier()
-        # Phase 1: membership bits; zeroed count slots for the output ids.
+        # Phase 1: the bits of every penalised token.
         if PEN_REP:
             for i0 in range(0, R, BL):
                 i, ok, ts = _ids(rep_row, i0, lanes, R, V)
-                _set_bits(bits_row, ts, ok)
+                _set_bits(pen_row, ts, ok)
         if PEN_OUT:
             for i0 in range(0, O, BL):
                 i, ok, ts = _ids(out_row, i0, lanes, O, V)
-                _set_bits(obits_row, ts, ok)
-                tl.store(zrow_i + ts, tl.zeros([BL], tl.int32), mask=ok)
+                _set_bits(pen_row, ts, ok)
         tl.debug_barrier()
+        # Phase 2: the exclusive prefix of the words' set bits.
+        carry = tl.zeros([], tl.int32)
+        for w0 in range(0, W, BW):
+            pc = _popc(tl.load(pen_row + w0 + wl, mask=w0 + wl < W, other=0, cache_modifier=".cg").to(tl.uint32),
+                       FAST)
+            tl.store(pen_row + W + w0 + wl, carry + tl.cumsum(pc, 0) - pc, mask=w0 + wl < W)
+            carry += tl.sum(pc)
+        tl.debug_barrier()
+        # Phase 3: seen flags and output counts, per slot.
+        if PEN_REP:
+            for i0 in range(0, R, BL):
+                i, ok, ts = _ids(rep_row, i0, lanes, R, V)
+                word, pre = _pen_words(pen_row, ts, ok, W)
+                tl.atomic_or(slot_row + _rank(word, pre, ts, FAST), tl.full([BL], 1, tl.int32), mask=ok,
+                             sem="relaxed")
         if PEN_OUT:
-            # Phase 2: occurrence counts, accumulated in the (int32 view of the) zpen slots.
             for i0 in range(0, O, BL):
                 i, ok, ts = _ids(out_row, i0, lanes, O, V)
                 if HAS_COUNTS:
                     w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int32)
                 else:
                     w = tl.full([BL], 1, tl.int32)
-                tl.atomic_add(zrow_i + ts, w, mask=ok, sem="relaxed")
-            tl.debug_barrier()
-            # Phase 3: every entry reads its token's total before any slot is overwritten.
-            for i0 in range(0, O, BL):
-                i, ok, ts = _ids(out_row, i0, lanes, O, V)
-                c = tl.load(zrow_i + ts, mask=ok, other=0, cache_modifier=".cg")
-                tl.store(ctmp_ptr + b64 * O + i, c, mask=i < O)
-            tl.debug_barrier()
-        # Phase 4: penalised values, float32, each operation rounded separately (as numpy).
+                word, pre = _pen_words(pen_row, ts, ok, W)
+                tl.atomic_add(slot_row + _rank(word, pre, ts, FAST), 2 * w, mask=ok, sem="relaxed")
+        tl.debug_barrier()
+        # Phase 4: penalised values, float32, each operation rounded separately (as numpy). Every
+        # id of a token writes the same value; the output ids skip tokens the prompt ids cover.
         r = tl.load(rp_ptr + b)
         f = tl.load(fp_ptr + b)
         pp = tl.load(pp_ptr + b)
-        if PEN_OUT:
-            for i0 in range(0, O, BL):
-                i, ok, ts = _ids(out_row, i0, lanes, O, V)
-                c = tl.load(ctmp_ptr + b64 * O + i, mask=ok, other=0)
-                z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
-                if PEN_REP:
-                    word = tl.load(bits_row + (ts >> 5), mask=ok, other=0, cache_modifier=".cg")
-                    seen = _bit(word, ts)
-                    z = tl.where(seen, tl.where(z > 0, tl.math.div_rn(z, r), z * r), z)
-                hit = c > 0
-                z = tl.where(hit, z - f * c.to(tl.float32), z)
-                z = tl.where(hit, z - pp, z)
-                tl.store(zrow + ts, z, mask=ok)
-        if PEN_REP:
-            for i0 in range(0, R, BL):
-                i, ok, ts = _ids(rep_row, i0, lanes, R, V)
-                if PEN_OUT:
-                    oword = tl.load(obits_row + (ts >> 5), mask=ok, other=0, cache_modifier=".cg")
-                    ok = ok & (_bit(oword, ts) == 0)
-                z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
-                z = tl.where(z > 0, tl.math.div_rn(z, r), z * r)
-                tl.store(zrow + ts, z, mask=ok)
-        if PEN_OUT:
-            tl.debug_barrier()
-            # Phase 5: one bitmask for the scan (output-only tokens join the repetition bits).
-            for i0 in range(0, O, BL):
-                i, ok, ts = _ids(out_row, i0, lanes, O, V)
-                _set_bits(bits_row, ts, ok)
+        for li in range(0, 2):
+            if (li == 0 and PEN_REP) or (li == 1 and PEN_OUT):
+                L = R if li == 0 else O
+                ids_row = rep_row if li == 0 else out_row
+                for i0 in range(0, L, BL):
+                    i, ok, ts = _ids(ids_row, i0, lanes, L, V)
+                    word, pre = _pen_words(pen_row, ts, ok, W)
+                    slot = _rank(word, pre, ts, FAST)
+                    st = tl.load(slot_row + slot, mask=ok, other=0, cache_modifier=".cg")
+                    if li == 1 and PEN_REP:
+                        ok = ok & ((st & 1) == 0)
+                    z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
+                    if PEN_REP:
+                        z = tl.where((st & 1) != 0, tl.where(z > 0, tl.math.div_rn(z, r), z * r), z)
+                    if PEN_OUT:
+                        c = st >> 1
+                        z = tl.where(c > 0, z - f * c.to(tl.float32), z)
+                        z = tl.where(c > 0, z - pp, z)
+                    tl.store(zrow + slot, z, mask=ok)
     if PIVOT:
         if PEN_REP or PEN_OUT:
             tl.debug_barrier()
-        _pivot(x_ptr + b64 * x_stride, bits_ptr + b64 * W, zpen_ptr + b64 * V, b, V,
+        _pivot(x_ptr + b64 * x_stride, pen_ptr + b64 * RS, W, b, V,
                temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
                PEN_REP or PEN_OUT, HAS_TEMP, FAST, NS, J0)
 
 
 @triton.jit
-def _pivot(x_row, bits_row, zpen_row, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
+def _pivot(x_row, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
            HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr):
     """The row's candidate threshold ``theta`` (+inf: no candidates, the row takes the fallback).
 
@@ -520,10 +561,9 @@ def _pivot(x_row, bits_row, zpen_row, b, V, temp_ptr, greedy_ptr, topk_ptr, topp
         x = tl.load(x_row + pos, mask=mask, other=float("-inf")).to(tl.float32)
         z = x
         if HAS_PEN:
-            # this program wrote the table (atomics land in the L2): bypass the L1
-            word = tl.load(bits_row + (pos >> 5), mask=mask, other=0, cache_modifier=".cg")
-            hit = _bit(word, pos)
-            zp = tl.load(zpen_row + pos, mask=mask & hit, other=0.0, cache_modifier=".cg")
+            # this program wrote the table just now (past a barrier)
+            word, pre = _pen_words(pen_row, pos, mask, W)
+            hit, zp = _pen_value(pen_row, word, pre, pos, mask, W, FAST)
             z = tl.where(hit, zp, z)
         if HAS_TEMP:
             z = _div(z, T, Y, FAST)
@@ -578,7 +618,7 @@ def _pivot(x_row, bits_row, zpen_row, b, V, temp_ptr, greedy_ptr, topk_ptr, topp
 def _scan_kernel(
     x_ptr, x_stride, V, CH, C, B, NITEMS,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
-    bits_ptr, W, zpen_ptr,
+    pen_ptr, W, RS,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
     samp_lo, samp_hi, call_ptr, ythr_ptr, ncand_ptr, pv_ptr, pi_ptr, cval_ptr, cidx_ptr, CAP,
@@ -604,8 +644,7 @@ def _scan_kernel(
         b = w - c * B
         b64 = b.to(tl.int64)
         x_row = x_ptr + b64 * x_stride
-        bits_row = bits_ptr + b64 * W
-        zpen_row = zpen_ptr + b64 * V
+        pen_row = pen_ptr + b64 * RS
         start = c * CH
         end = tl.minimum(start + CH, V)
         T = tl.load(temp_ptr + b)
@@ -652,14 +691,13 @@ def _scan_kernel(
         # (deeper prefetching, by hand or with tl.range's pipeline, measured no faster: v6)
         xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
         if PF:
-            # Penalty lookups software-pipelined: the bitmask word two tiles ahead, the dependent
-            # penalised value one tile ahead, so neither latency sits in the tile's critical path.
+            # Penalty lookups software-pipelined: the bitmask words two tiles ahead, the dependent
+            # penalised values one tile ahead, so neither latency sits in the tile's critical path.
             o0 = start + lanes
-            w0 = tl.load(bits_row + (o0 >> 5), mask=o0 < end, other=0)
-            hitn = _bit(w0, o0)
-            zpn = tl.load(zpen_row + o0, mask=(o0 < end) & hitn, other=0.0)
+            w0, p0 = _pen_words(pen_row, o0, o0 < end, W)
+            hitn, zpn = _pen_value(pen_row, w0, p0, o0, o0 < end, W, FAST)
             o1 = o0 + TILE
-            wn = tl.load(bits_row + (o1 >> 5), mask=o1 < end, other=0)
+            wn, pn = _pen_words(pen_row, o1, o1 < end, W)
         for s0 in range(start, end, TILE):
             offs = s0 + lanes
             mask = offs < end
@@ -669,13 +707,12 @@ def _scan_kernel(
                 hit = hitn
                 zp = zpn
                 o1 = offs + TILE
-                hitn = _bit(wn, o1)
-                zpn = tl.load(zpen_row + o1, mask=(o1 < end) & hitn, other=0.0)
+                hitn, zpn = _pen_value(pen_row, wn, pn, o1, o1 < end, W, FAST)
                 o2 = o1 + TILE
-                wn = tl.load(bits_row + (o2 >> 5), mask=o2 < end, other=0)
+                wn, pn = _pen_words(pen_row, o2, o2 < end, W)
                 y = tl.where(hit, zp, x)
             else:
-                y = _zval(x, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, False, FAST)
+                y = _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN, False, FAST)
             # NaN-propagating max: one instruction flags NaN (and +inf shows in the max).
             ymax = tl.maximum(ymax, y, propagate_nan=tl.PropagateNan.ALL)
             if NEED_S or ANY_GUMBEL:
@@ -951,11 +988,11 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
     return status, tok, lp, tau, lse
 
 
-@triton.jit(do_not_specialize=["C", "ncand_ptr"])
+@triton.jit(do_not_specialize=["C", "ncand_ptr", "RS"])
 def _finish_kernel(
     x_ptr, x_stride, V, C,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
-    bits_ptr, W, zpen_ptr,
+    pen_ptr, W, RS,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
     tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, lsea_ptr, call_ptr,
@@ -975,8 +1012,7 @@ def _finish_kernel(
     m = tl.max(tl.load(cm_ptr + base + cc, mask=cc < C, other=float("-inf")))
     m64 = m.to(tl.float64)
     x_row = x_ptr + b64 * x_stride
-    bits_row = bits_ptr + b64 * W
-    zpen_row = zpen_ptr + b64 * V
+    pen_row = pen_ptr + b64 * RS
     T = tl.load(temp_ptr + b)
     Y = _recip(T, FAST)
     lse_all = tl.zeros([], tl.float64)
@@ -1005,16 +1041,16 @@ def _finish_kernel(
                 ic = tl.load(cid_ptr + base + cc, mask=cc < C, other=INT32_MAX)
                 kbest = tl.max(kc)
                 tok = tl.min(tl.where(kc == kbest, ic, INT32_MAX))
-                xt, zt = _load_z(x_row, tok, tok >= 0, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+                xt, zt = _load_z(x_row, tok, tok >= 0, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
                 lse = lse_all
                 lp = zt.to(tl.float64) - lse
         if status == 0:
             if MODE == 1:
-                xt, zt = _load_z(x_row, tok, tok >= 0, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+                xt, zt = _load_z(x_row, tok, tok >= 0, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
                 lse = lse_all
                 lp = zt.to(tl.float64) - lse
             if MODE == 2:
-                xt, zt = _load_z(x_row, tok, tok >= 0, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+                xt, zt = _load_z(x_row, tok, tok >= 0, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
                 lse = lse_raw
                 lp = xt.to(tl.float64) - lse
     tl.store(status_ptr + b, status)
@@ -1034,7 +1070,7 @@ def _finish_kernel(
 
 @triton.jit
 def _radix_pass(
-    x_row, bits_row, zpen_row, T, Y, V, m, prefix, shift, lowcut,
+    x_row, pen_row, W, T, Y, V, m, prefix, shift, lowcut,
     WANT_MASS: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -1047,7 +1083,7 @@ def _radix_pass(
     for s0 in range(0, V, TILE):
         offs = s0 + lanes
         mask = offs < V
-        x, z = _load_z(x_row, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+        x, z = _load_z(x_row, offs, mask, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
         u = _okey(z).to(tl.int64) + 2147483648
         inr = mask & ((u >> (shift + 4)) == (prefix >> (shift + 4))) & (u >= lowcut)
         dig = (u >> shift) & 15
@@ -1072,7 +1108,7 @@ def _pick(v, d16, j):
 
 @triton.jit
 def _fallback_row(
-    x_row, bits_row, zpen_row, T, Y, V, k, p, mp, active_k, active_p, m, rk, lse_all, lse_raw,
+    x_row, pen_row, W, T, Y, V, k, p, mp, active_k, active_p, m, rk, lse_all, lse_raw,
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, TILE: tl.constexpr,
 ):
     """A row whose candidate set was unbounded or overflowed, done exactly over the full row:
@@ -1087,7 +1123,7 @@ def _fallback_row(
         above = tl.zeros([], tl.int64)
         for level in range(8):
             shift = 28 - 4 * level
-            cnt, mass = _radix_pass(x_row, bits_row, zpen_row, T, Y, V, m, prefix, shift, 0,
+            cnt, mass = _radix_pass(x_row, pen_row, W, T, Y, V, m, prefix, shift, 0,
                                     False, HAS_PEN, HAS_TEMP, FAST, TILE)
             ge = _suffix_sum(cnt, d16).to(tl.int64)
             j = tl.max(tl.where(above + ge >= k, d16, -1))
@@ -1102,7 +1138,7 @@ def _fallback_row(
         pw = tl.zeros([], tl.float64)
         for level in range(8):
             shift = 28 - 4 * level
-            cnt, mass = _radix_pass(x_row, bits_row, zpen_row, T, Y, V, m, prefix, shift, kcut,
+            cnt, mass = _radix_pass(x_row, pen_row, W, T, Y, V, m, prefix, shift, kcut,
                                     True, HAS_PEN, HAS_TEMP, FAST, TILE)
             if level == 0:
                 pw = p.to(tl.float64) * tl.sum(mass)
@@ -1124,7 +1160,7 @@ def _fallback_row(
     for s0 in range(0, V, TILE):
         offs = s0 + lanes
         mask = offs < V
-        x, z = _load_z(x_row, offs, mask, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+        x, z = _load_z(x_row, offs, mask, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
         u = _okey(z).to(tl.int64) + 2147483648
         surv = mask & (u >= cut)
         w = tl.exp(z.to(tl.float64) - m64)
@@ -1138,7 +1174,7 @@ def _fallback_row(
         zmin = tl.minimum(zmin, tl.where(surv, z, float("inf")))
     best = tl.max(kb)
     tok = tl.min(tl.where(kb == best, ki, INT32_MAX))
-    xt, zt = _load_z(x_row, tok, tok >= 0, bits_row, zpen_row, T, Y, HAS_PEN, HAS_TEMP, FAST)
+    xt, zt = _load_z(x_row, tok, tok >= 0, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
     lse = m64 + tl.log(tl.sum(ws).to(tl.float64) / FIX)
     if MODE == 1:
         lse = lse_all
@@ -1149,11 +1185,11 @@ def _fallback_row(
     return tok, lp, tl.min(zmin), lse
 
 
-@triton.jit(do_not_specialize=["C"])
+@triton.jit(do_not_specialize=["C", "RS"])
 def _fallback_kernel(
     x_ptr, x_stride, V, C,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
-    bits_ptr, W, zpen_ptr, cm_ptr, status_ptr, lsea_ptr,
+    pen_ptr, W, RS, cm_ptr, status_ptr, lsea_ptr,
     tok_ptr, lp_ptr, tau_ptr, lse_ptr,
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     CP: tl.constexpr, TILE: tl.constexpr,
@@ -1169,7 +1205,7 @@ def _fallback_kernel(
         rk = tl.load(rowkey_ptr + b).to(tl.uint32)
         lsea = tl.load(lsea_ptr + b)
         tok, lp, tau, lse = _fallback_row(
-            x_ptr + b64 * x_stride, bits_ptr + b64 * W, zpen_ptr + b64 * V, T, _recip(T, FAST), V, k, p, mp,
+            x_ptr + b64 * x_stride, pen_ptr + b64 * RS, W, T, _recip(T, FAST), V, k, p, mp,
             active_k, active_p, m, rk, lsea, lsea, MODE, HAS_PEN, HAS_TEMP, FAST, TILE,
         )
         tl.store(tok_ptr + b, tok.to(tl.int64))
@@ -1181,11 +1217,11 @@ def _fallback_kernel(
 # ----------------------------------------------------------------------------- top-n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["RS"])
 def _topn_keys_kernel(
     x_ptr, x_stride, V, CH,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr,
-    bits_ptr, W, zpen_ptr, tau_ptr, keys_ptr,
+    pen_ptr, W, RS, tau_ptr, keys_ptr,
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -1204,7 +1240,7 @@ def _topn_keys_kernel(
     for s0 in range(start, end, TILE):
         offs = s0 + lanes
         mask = offs < end
-        x, z = _load_z(x_row, offs, mask, bits_ptr + b64 * W, zpen_ptr + b64 * V, T, Y, HAS_PEN, HAS_TEMP, FAST)
+        x, z = _load_z(x_row, offs, mask, pen_ptr + b64 * RS, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
         if MODE == 2:
             v = x
         elif MODE == 1:
