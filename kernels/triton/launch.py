@@ -55,16 +55,20 @@ class Config:
     #: read finish_tile slots at a time; top-p over <= finish_pairs top-k survivors compares
     #: all pairs instead of bisecting. 4 warps: 9.8 us at B = 1 against 17.8 us with one warp,
     #: whose ~5000 dependent instructions were latency-bound (bench/NOTES.md, v6).
+    #: finish_regs = cap keeps every row on the register path: with 1024, the ~0.1% of rows
+    #: with more candidates (their count is ~37 x Gamma(14) at k = 50) took the chunked path,
+    #: and at B = 256 one such row set the kernel's time (S2 finish 24.5 -> 14.9 us, v7).
     finish_tile: int = 128
-    finish_regs: int = 1024
+    finish_regs: int = 2048
     finish_pairs: int = 64
     finish_warps: int = 4
     #: Tile and warps of the exact fallback (16 digit bins per element: keep the tile modest).
     fallback_tile: int = 256
     fallback_warps: int = 8
-    #: The prep kernel (one program per row): history ids handled per loop step, warps.
-    prep_block: int = 256
-    prep_warps: int = 4
+    #: The prep kernel (one program per row): history ids handled per loop step, warps
+    #: (1024 / 8: S3 prep 68 -> 62 us at B = 256, v7).
+    prep_block: int = 1024
+    prep_warps: int = 8
 
 
 GPU_CONFIG = Config()
