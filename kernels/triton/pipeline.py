@@ -279,19 +279,27 @@ def _rank(word, pre, t, FAST: tl.constexpr):
 
 
 @triton.jit
-def _pen_words(pen_row, offs, mask, W):
-    """The bitmask word and its prefix for each token (see :func:`_prep_kernel`)."""
-    word = tl.load(pen_row + (offs >> 5), mask=mask, other=0)
-    pre = tl.load(pen_row + W + (offs >> 5), mask=mask, other=0)
+def _pen_words(pen_row, offs, mask, W, CG: tl.constexpr = False):
+    """The bitmask word and its prefix for each token (see :func:`_prep_kernel`). CG: read
+    through the L2 only, for the prep, which builds the table with atomics in the same launch."""
+    if CG:
+        word = tl.load(pen_row + (offs >> 5), mask=mask, other=0, cache_modifier=".cg")
+        pre = tl.load(pen_row + W + (offs >> 5), mask=mask, other=0, cache_modifier=".cg")
+    else:
+        word = tl.load(pen_row + (offs >> 5), mask=mask, other=0)
+        pre = tl.load(pen_row + W + (offs >> 5), mask=mask, other=0)
     return word, pre
 
 
 @triton.jit
-def _pen_value(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr):
+def _pen_value(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr, CG: tl.constexpr = False):
     """(hit, penalised value before the temperature) from a token's bitmask word and prefix."""
     hit = _bit(word, offs) & mask
     zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
-    zp = tl.load(zrow + _rank(word, pre, offs, FAST), mask=hit, other=0.0)
+    if CG:
+        zp = tl.load(zrow + _rank(word, pre, offs, FAST), mask=hit, other=0.0, cache_modifier=".cg")
+    else:
+        zp = tl.load(zrow + _rank(word, pre, offs, FAST), mask=hit, other=0.0)
     return hit, zp
 
 
@@ -491,7 +499,7 @@ def _prep_kernel(
         if PEN_REP:
             for i0 in range(0, R, BL):
                 i, ok, ts = _ids(rep_row, i0, lanes, R, V)
-                word, pre = _pen_words(pen_row, ts, ok, W)
+                word, pre = _pen_words(pen_row, ts, ok, W, True)
                 tl.atomic_or(slot_row + _rank(word, pre, ts, FAST), tl.full([BL], 1, tl.int32), mask=ok,
                              sem="relaxed")
         if PEN_OUT:
@@ -501,7 +509,7 @@ def _prep_kernel(
                     w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int32)
                 else:
                     w = tl.full([BL], 1, tl.int32)
-                word, pre = _pen_words(pen_row, ts, ok, W)
+                word, pre = _pen_words(pen_row, ts, ok, W, True)
                 tl.atomic_add(slot_row + _rank(word, pre, ts, FAST), 2 * w, mask=ok, sem="relaxed")
         tl.debug_barrier()
         # Phase 4: penalised values, float32, each operation rounded separately (as numpy). Every
@@ -509,13 +517,13 @@ def _prep_kernel(
         r = tl.load(rp_ptr + b)
         f = tl.load(fp_ptr + b)
         pp = tl.load(pp_ptr + b)
-        for li in range(0, 2):
+        for li in tl.static_range(2):
             if (li == 0 and PEN_REP) or (li == 1 and PEN_OUT):
                 L = R if li == 0 else O
                 ids_row = rep_row if li == 0 else out_row
                 for i0 in range(0, L, BL):
                     i, ok, ts = _ids(ids_row, i0, lanes, L, V)
-                    word, pre = _pen_words(pen_row, ts, ok, W)
+                    word, pre = _pen_words(pen_row, ts, ok, W, True)
                     slot = _rank(word, pre, ts, FAST)
                     st = tl.load(slot_row + slot, mask=ok, other=0, cache_modifier=".cg")
                     if li == 1 and PEN_REP:
@@ -562,8 +570,8 @@ def _pivot(x_row, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, mi
         z = x
         if HAS_PEN:
             # this program wrote the table just now (past a barrier)
-            word, pre = _pen_words(pen_row, pos, mask, W)
-            hit, zp = _pen_value(pen_row, word, pre, pos, mask, W, FAST)
+            word, pre = _pen_words(pen_row, pos, mask, W, True)
+            hit, zp = _pen_value(pen_row, word, pre, pos, mask, W, FAST, True)
             z = tl.where(hit, zp, z)
         if HAS_TEMP:
             z = _div(z, T, Y, FAST)
