@@ -42,7 +42,8 @@ class Config:
     #: Private candidate slots of a scan work item: each of the ``tile`` positions of its tiles
     #: appends to its own column of emit_depth slots (no prefix sums in the loop); a position
     #: that finds more sends its row to the fallback. 16 keeps that below ~1e-10 per call for
-    #: randn-like rows at every batch size (bench/NOTES.md, v7).
+    #: randn-like rows at every batch size (bench/NOTES.md, v7). Memory: 8 bytes per slot,
+    #: ~69 MB for one wave of 2112 work items (an H100 at 16 programs per SM).
     emit_depth: int = 16
     #: Persistent scan programs per SM (the scan grid is SMs x this, or the work items).
     programs_per_sm: int = 16
@@ -127,14 +128,12 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _workspace(state: Dict[str, Any], device, rows: int, vocab: int, chunks: int, cfg: Config, pen: bool,
-               trunc: bool):
+def _workspace(state: Dict[str, Any], device, rows: int, chunks: int, cfg: Config, trunc: bool):
     """Per-shape scratch buffers, kept in the sampler's state so graph replays reuse them."""
-    key = ("ws", device, rows, vocab, chunks, cfg.cap, cfg.tile * cfg.emit_depth, pen, trunc)
+    key = ("ws", device, rows, chunks, cfg.cap, cfg.tile * cfg.emit_depth, trunc)
     ws = state.get(key)
     if ws is None:
         n = rows * chunks
-        words = triton.cdiv(vocab, 32)
         slots = n * cfg.tile * cfg.emit_depth if trunc else 1
         cands = rows * cfg.cap if trunc else 1
 
@@ -227,7 +226,7 @@ def run(step):
     chunks, chunk_len = _chunking(rows, vocab, cfg, nprog)
     nitems = rows * chunks
     nprog = min(nitems, nprog)
-    ws = _workspace(step.state, dev, rows, vocab, chunks, cfg, pen, any_trunc)
+    ws = _workspace(step.state, dev, rows, chunks, cfg, any_trunc)
     counter = _call_counter(step.state, dev, step.call)
     dummy = ws["status"]
     positions = step.positions
