@@ -130,6 +130,31 @@ def time_eager(torch, fn, nbuf, repeats=15):
     return statistics.median(times), "eager"
 
 
+def scenario_inputs(rows: int, vocab: int, cuda) -> dict:
+    """The issue's inputs for one batch size: T = 0.7, k = 50, p = 0.9, min-p 0.05, penalties over
+    a 1024-token prompt and 512 output ids, a seed per row, as per-row arrays; ``prm`` holds the
+    SamplingParam of each scenario S1-S4 and ``data`` the histories (S3, S4)."""
+    from sampling import SamplingData, SamplingParam
+
+    rng = np.random.default_rng(rows)
+    seeds = rng.integers(0, 2**62, rows)
+    T = np.full(rows, 0.7)
+    out_ids = rng.integers(0, vocab, (rows, 512))
+    all_ids = np.concatenate([rng.integers(0, vocab, (rows, 1024)), out_ids], axis=1)
+    data = SamplingData.from_numpy(all_input_ids=all_ids, output_ids=out_ids, to_tensor=cuda)
+    pen = dict(repetition_penalty=np.full(rows, 1.1), frequency_penalty=np.full(rows, 0.2),
+               presence_penalty=np.full(rows, 0.3))
+    prm = {
+        "S1": SamplingParam.from_numpy(temperature=T, seed=seeds, to_tensor=cuda),
+        "S2": SamplingParam.from_numpy(temperature=T, top_k=np.full(rows, 50), top_p=np.full(rows, 0.9),
+                                       seed=seeds, to_tensor=cuda),
+        "S3": SamplingParam.from_numpy(temperature=T, top_k=np.full(rows, 50), top_p=np.full(rows, 0.9),
+                                       min_p=np.full(rows, 0.05), seed=seeds, to_tensor=cuda, **pen),
+        "S4": SamplingParam.from_numpy(temperature=np.zeros(rows), seed=seeds, to_tensor=cuda, **pen),
+    }
+    return dict(T=T, all_ids=all_ids, out_ids=out_ids, data=data, pen=pen, prm=prm)
+
+
 def measure(torch, fn, nbuf):
     try:
         return time_graph(torch, fn, nbuf)
@@ -281,28 +306,14 @@ def run(args):
         nbuf = int(min(args.max_buffers, max(2, math.ceil(4 * L2_BYTES / nbytes))))
         g = torch.Generator(device=dev).manual_seed(rows * 7 + vocab)
         bufs = [(torch.randn(rows, vocab, device=dev, generator=g) * 3).to(dtype) for _ in range(nbuf)]
-        rng = np.random.default_rng(rows)
-        seeds = rng.integers(0, 2**62, rows)
-        T = np.full(rows, 0.7)
+        sc_in = scenario_inputs(rows, vocab, cuda)
+        T, all_ids, out_ids, data, pen_np, prm = (sc_in[k] for k in ("T", "all_ids", "out_ids", "data", "pen", "prm"))
         Tt = cuda(T.astype(np.float32))
         kt = cuda(np.full(rows, 50, np.int64))
         pt = cuda(np.full(rows, 0.9, np.float32))
         mpt = cuda(np.full(rows, 0.05, np.float32))
-        out_ids = rng.integers(0, vocab, (rows, 512))
-        all_ids = np.concatenate([rng.integers(0, vocab, (rows, 1024)), out_ids], axis=1)
-        data = SamplingData.from_numpy(all_input_ids=all_ids, output_ids=out_ids, to_tensor=cuda)
         rep_t, out_t = cuda(all_ids), cuda(out_ids)
-        pen_np = dict(repetition_penalty=np.full(rows, 1.1), frequency_penalty=np.full(rows, 0.2),
-                      presence_penalty=np.full(rows, 0.3))
         pen_t = tuple(cuda(v.astype(np.float32)) for v in pen_np.values())
-        prm = {
-            "S1": SamplingParam.from_numpy(temperature=T, seed=seeds, to_tensor=cuda),
-            "S2": SamplingParam.from_numpy(temperature=T, top_k=np.full(rows, 50), top_p=np.full(rows, 0.9),
-                                           seed=seeds, to_tensor=cuda),
-            "S3": SamplingParam.from_numpy(temperature=T, top_k=np.full(rows, 50), top_p=np.full(rows, 0.9),
-                                           min_p=np.full(rows, 0.05), seed=seeds, to_tensor=cuda, **pen_np),
-            "S4": SamplingParam.from_numpy(temperature=np.zeros(rows), seed=seeds, to_tensor=cuda, **pen_np),
-        }
         fi_seed = torch.tensor([1234], dtype=torch.int64, device=dev)
         fi_off = torch.tensor([0], dtype=torch.int64, device=dev)
         k32 = kt.to(torch.int32)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
+from bench_gpu import scenario_inputs  # (bench/ is the script's directory)
 
-from sampling import Sampler, SamplingData, SamplingParam
+from sampling import Sampler
 
 
 def main():
@@ -26,24 +26,10 @@ def main():
     rows, vocab = args.rows, args.vocab
     dev = torch.device("cuda")
     cuda = lambda a: torch.as_tensor(a).to(dev)  # noqa: E731
-    rng = np.random.default_rng(rows)
     g = torch.Generator(device=dev).manual_seed(rows)
     x = (torch.randn(rows, vocab, device=dev, generator=g) * 3).to(getattr(torch, args.dtype))
-    T = np.full(rows, 0.7)
-    seeds = rng.integers(0, 2**62, rows)
-    out_ids = rng.integers(0, vocab, (rows, 512))
-    all_ids = np.concatenate([rng.integers(0, vocab, (rows, 1024)), out_ids], axis=1)
-    data = SamplingData.from_numpy(all_input_ids=all_ids, output_ids=out_ids, to_tensor=cuda)
-    pen = dict(repetition_penalty=np.full(rows, 1.1), frequency_penalty=np.full(rows, 0.2),
-               presence_penalty=np.full(rows, 0.3))
-    prm = {
-        "S1": SamplingParam.from_numpy(temperature=T, seed=seeds, to_tensor=cuda),
-        "S2": SamplingParam.from_numpy(temperature=T, top_k=np.full(rows, 50), top_p=np.full(rows, 0.9),
-                                       seed=seeds, to_tensor=cuda),
-        "S3": SamplingParam.from_numpy(temperature=T, top_k=np.full(rows, 50), top_p=np.full(rows, 0.9),
-                                       min_p=np.full(rows, 0.05), seed=seeds, to_tensor=cuda, **pen),
-        "S4": SamplingParam.from_numpy(temperature=np.zeros(rows), seed=seeds, to_tensor=cuda, **pen),
-    }
+    inputs = scenario_inputs(rows, vocab, cuda)
+    data, prm = inputs["data"], inputs["prm"]
     for sc in args.scenarios:
         s = Sampler(backend="triton", seed=1)
         d = data if sc in ("S3", "S4") else None
