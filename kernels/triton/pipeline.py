@@ -279,27 +279,20 @@ def _rank(word, pre, t, FAST: tl.constexpr):
 
 
 @triton.jit
-def _pen_words(pen_row, offs, mask, W, CG: tl.constexpr = False):
-    """The bitmask word and its prefix for each token (see :func:`_prep_kernel`). CG: read
-    through the L2 only, for the prep, which builds the table with atomics in the same launch."""
-    if CG:
-        word = tl.load(pen_row + (offs >> 5), mask=mask, other=0, cache_modifier=".cg")
-        pre = tl.load(pen_row + W + (offs >> 5), mask=mask, other=0, cache_modifier=".cg")
-    else:
-        word = tl.load(pen_row + (offs >> 5), mask=mask, other=0)
-        pre = tl.load(pen_row + W + (offs >> 5), mask=mask, other=0)
+def _pen_words(pen_row, offs, mask, W, CM: tl.constexpr = ""):
+    """The bitmask word and its prefix for each token (see :func:`_prep_kernel`). CM ".cg":
+    read through the L2 only, for the prep, which builds the table with atomics in the same launch."""
+    word = tl.load(pen_row + (offs >> 5), mask=mask, other=0, cache_modifier=CM)
+    pre = tl.load(pen_row + W + (offs >> 5), mask=mask, other=0, cache_modifier=CM)
     return word, pre
 
 
 @triton.jit
-def _pen_value(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr, CG: tl.constexpr = False):
+def _pen_value(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr, CM: tl.constexpr = ""):
     """(hit, penalised value before the temperature) from a token's bitmask word and prefix."""
     hit = _bit(word, offs) & mask
     zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
-    if CG:
-        zp = tl.load(zrow + _rank(word, pre, offs, FAST), mask=hit, other=0.0, cache_modifier=".cg")
-    else:
-        zp = tl.load(zrow + _rank(word, pre, offs, FAST), mask=hit, other=0.0)
+    zp = tl.load(zrow + _rank(word, pre, offs, FAST), mask=hit, other=0.0, cache_modifier=CM)
     return hit, zp
 
 
@@ -499,7 +492,7 @@ def _prep_kernel(
         if PEN_REP:
             for i0 in range(0, R, BL):
                 i, ok, ts = _ids(rep_row, i0, lanes, R, V)
-                word, pre = _pen_words(pen_row, ts, ok, W, True)
+                word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
                 tl.atomic_or(slot_row + _rank(word, pre, ts, FAST), tl.full([BL], 1, tl.int32), mask=ok,
                              sem="relaxed")
         if PEN_OUT:
@@ -509,7 +502,7 @@ def _prep_kernel(
                     w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int32)
                 else:
                     w = tl.full([BL], 1, tl.int32)
-                word, pre = _pen_words(pen_row, ts, ok, W, True)
+                word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
                 tl.atomic_add(slot_row + _rank(word, pre, ts, FAST), 2 * w, mask=ok, sem="relaxed")
         tl.debug_barrier()
         # Phase 4: penalised values, float32, each operation rounded separately (as numpy). Every
@@ -523,7 +516,7 @@ def _prep_kernel(
                 ids_row = rep_row if li == 0 else out_row
                 for i0 in range(0, L, BL):
                     i, ok, ts = _ids(ids_row, i0, lanes, L, V)
-                    word, pre = _pen_words(pen_row, ts, ok, W, True)
+                    word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
                     slot = _rank(word, pre, ts, FAST)
                     st = tl.load(slot_row + slot, mask=ok, other=0, cache_modifier=".cg")
                     if li == 1 and PEN_REP:
@@ -570,8 +563,8 @@ def _pivot(x_row, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, mi
         z = x
         if HAS_PEN:
             # this program wrote the table just now (past a barrier)
-            word, pre = _pen_words(pen_row, pos, mask, W, True)
-            hit, zp = _pen_value(pen_row, word, pre, pos, mask, W, FAST, True)
+            word, pre = _pen_words(pen_row, pos, mask, W, ".cg")
+            hit, zp = _pen_value(pen_row, word, pre, pos, mask, W, FAST, ".cg")
             z = tl.where(hit, zp, z)
         if HAS_TEMP:
             z = _div(z, T, Y, FAST)
