@@ -13,6 +13,9 @@ Every backend is a class with the same small surface:
     ``to_tensor`` result, moved to that device if needed.
 ``default_raise_invalid(logits) -> bool``
     Whether invalid rows raise by default (CPU) or are flagged without a sync (GPU).
+``reads_cache_table``
+    True when ``run`` takes cached rows in the cache's table form (``Step.table_ids`` /
+    ``table_flags``) rather than as id lists (``Step.rep_ids`` / ``out_ids`` / ``out_counts``).
 ``run(step) -> (logprobs, tokens, top_ids, top_logprobs)``
     The pipeline of :mod:`sampling.kernels.reference` on :class:`sampling.step.Step`.
 """

@@ -12,6 +12,7 @@ from sampling.step import Step
 
 class NumpyBackend:
     name = "numpy"
+    reads_cache_table = False
 
     def owns(self, x) -> bool:
         return isinstance(x, np.ndarray)

@@ -18,6 +18,7 @@ from sampling.step import Step
 
 class TorchBackend:
     name = "torch"
+    reads_cache_table = False
 
     def owns(self, x) -> bool:
         return isinstance(x, torch.Tensor)

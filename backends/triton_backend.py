@@ -31,6 +31,7 @@ def _interpreting() -> bool:
 
 class TritonBackend:
     name = "triton"
+    reads_cache_table = True
 
     def owns(self, x) -> bool:
         return isinstance(x, torch.Tensor)

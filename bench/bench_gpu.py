@@ -14,7 +14,9 @@ reads its logits from HBM.
 Scenarios (k = 50, p = 0.9, T = 0.7 given as per-row arrays):
 S1 plain sampling + logprob; S2 top-k + top-p + sample + logprob; S3 penalties (1024-token
 prompt + 512 output ids per row: repetition 1.1, frequency 0.2, presence 0.3) + temperature +
-top-k + top-p + min-p 0.05 + logprob, from raw history ids; S4 greedy with the same penalties.
+top-k + top-p + min-p 0.05 + logprob, from raw history ids; S3c the same from the request
+cache's state (prefilled once with the same histories, untimed; each timed call is a decode
+step that appends the previous call's tokens); S4 greedy with the same penalties.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 import numpy as np
 
 L2_BYTES = 50 * 2**20
-SCENARIOS = ("S1", "S2", "S3", "S4")
+SCENARIOS = ("S1", "S2", "S3", "S3c", "S4")
 
 
 # ----------------------------------------------------------------------------- environment
@@ -133,7 +135,8 @@ def time_eager(torch, fn, nbuf, repeats=15):
 def scenario_inputs(rows: int, vocab: int, cuda) -> dict:
     """The issue's inputs for one batch size: T = 0.7, k = 50, p = 0.9, min-p 0.05, penalties over
     a 1024-token prompt and 512 output ids, a seed per row, as per-row arrays; ``prm`` holds the
-    SamplingParam of each scenario S1-S4 and ``data`` the histories (S3, S4)."""
+    SamplingParam of each scenario, ``data`` the histories (S3, S4), and ``prefill`` / ``decode``
+    the same histories as cached requests (S3c)."""
     from sampling import SamplingData, SamplingParam
 
     rng = np.random.default_rng(rows)
@@ -152,7 +155,25 @@ def scenario_inputs(rows: int, vocab: int, cuda) -> dict:
                                        min_p=np.full(rows, 0.05), seed=seeds, to_tensor=cuda, **pen),
         "S4": SamplingParam.from_numpy(temperature=np.zeros(rows), seed=seeds, to_tensor=cuda, **pen),
     }
-    return dict(T=T, all_ids=all_ids, out_ids=out_ids, data=data, pen=pen, prm=prm)
+    prm["S3c"] = prm["S3"]
+    rids = np.arange(rows)
+    prefill = SamplingData.from_numpy(all_input_ids=all_ids, output_ids=out_ids, request_ids=rids,
+                                      is_prefill=True, to_tensor=cuda)
+    decode = SamplingData.from_numpy(request_ids=rids, is_prefill=False)
+    return dict(T=T, all_ids=all_ids, out_ids=out_ids, data=data, pen=pen, prm=prm, prefill=prefill, decode=decode)
+
+
+def sampler_call(Sampler, backend, sc, inputs, bufs):
+    """``fn(i)``: one call of a fresh sampler on buffer i in scenario sc. S3c prefills the
+    cache first (untimed), so that every call of fn is a decode step from the cached state."""
+    s = Sampler(backend=backend, seed=1)
+    prm = inputs["prm"][sc]
+    if sc == "S3c":
+        s(bufs[0], inputs["prefill"], prm)
+        data = inputs["decode"]
+    else:
+        data = inputs["data"] if sc in ("S3", "S4") else None
+    return lambda i: s(bufs[i], data, prm)
 
 
 def measure(torch, fn, nbuf):
@@ -307,7 +328,7 @@ def run(args):
         g = torch.Generator(device=dev).manual_seed(rows * 7 + vocab)
         bufs = [(torch.randn(rows, vocab, device=dev, generator=g) * 3).to(dtype) for _ in range(nbuf)]
         sc_in = scenario_inputs(rows, vocab, cuda)
-        T, all_ids, out_ids, data, pen_np, prm = (sc_in[k] for k in ("T", "all_ids", "out_ids", "data", "pen", "prm"))
+        T, all_ids, out_ids, pen_np = (sc_in[k] for k in ("T", "all_ids", "out_ids", "pen"))
         Tt = cuda(T.astype(np.float32))
         kt = cuda(np.full(rows, 50, np.int64))
         pt = cuda(np.full(rows, 0.9, np.float32))
@@ -328,12 +349,11 @@ def run(args):
         for sc in args.scenarios:
             add(sc, "one read (torch.amax)", floor, how)
         for sc in args.scenarios:
-            with_data = data if sc in ("S3", "S4") else None
-            ours = Sampler(backend="triton", seed=1)
-            fn = lambda i, s=ours, d=with_data, p=prm[sc]: s(bufs[i], d, p)  # noqa: E731
+            fn = None
             try:
+                fn = sampler_call(Sampler, "triton", sc, sc_in, bufs)
                 us, how = measure(torch, fn, nbuf)
-                tok = ours(bufs[0], with_data, prm[sc])[1]
+                tok = fn(0)[1]
                 ok = bool(((tok >= 0) & (tok < vocab)).all())
                 add(sc, "ours (triton)", us, how, "" if ok else "INVALID TOKENS")
             except Exception as e:
@@ -349,10 +369,9 @@ def run(args):
                 if not (int(only) == rows and dtname == "float32" if only else first):
                     continue
                 changes = {k: int(float(v)) for k, v in (p.split("=") for p in kv.split(",") if p)}
-                vs = Sampler(backend="triton", seed=1)
-                vfn = lambda i, s=vs, d=with_data, p=prm[sc]: s(bufs[i], d, p)  # noqa: E731
                 try:
                     with tl_launch.use_config(**changes):
+                        vfn = sampler_call(Sampler, "triton", sc, sc_in, bufs)
                         us, how = measure(torch, vfn, nbuf)
                         if args.profile and rows in args.profile:
                             meta.setdefault("kernel_us", {})[f"{dtname} B={rows} {sc} [{name}]"] = \
@@ -360,13 +379,11 @@ def run(args):
                     add(sc, f"ours [{name}]", us, how, kv)
                 except Exception as e:
                     print(f"    variant {name} failed: {e!r}")
-            if args.profile and rows in args.profile:
+            if args.profile and rows in args.profile and fn is not None:
                 meta.setdefault("kernel_us", {})[f"{dtname} B={rows} {sc}"] = profile_kernels(torch, fn, nbuf)
             if have_torch_backend and not args.no_torch_backend and rows in (1, 256):
-                tb = Sampler(backend="torch", seed=1)
-                fn = lambda i, s=tb, d=with_data, p=prm[sc]: s(bufs[i], d, p)  # noqa: E731
                 try:
-                    us, how = measure(torch, fn, nbuf)
+                    us, how = measure(torch, sampler_call(Sampler, "torch", sc, sc_in, bufs), nbuf)
                     add(sc, "torch backend", us, how)
                 except Exception as e:
                     print(f"    torch backend failed: {e!r}")
@@ -376,11 +393,14 @@ def run(args):
                 fn = lambda i: sort_pipeline(torch, bufs[i], Tt, kt, pt)  # noqa: E731
             elif sc == "S3":
                 fn = lambda i: sort_pipeline(torch, bufs[i], Tt, kt, pt, mpt, rep_t, out_t, pen_t)  # noqa: E731
-            else:
+            elif sc == "S4":
                 fn = lambda i: sort_pipeline(torch, bufs[i], Tt, None, None, None, rep_t, out_t, pen_t, greedy=True)  # noqa: E731
+            else:  # S3c: the sort pipeline has no cached state (its S3 row applies)
+                fn = None
             try:
-                us, how = measure(torch, fn, nbuf)
-                add(sc, "torch sort pipeline", us, how)
+                if fn is not None:
+                    us, how = measure(torch, fn, nbuf)
+                    add(sc, "torch sort pipeline", us, how)
             except Exception as e:
                 print(f"    sort pipeline failed: {e!r}")
             if fs is not None and sc in ("S1", "S2"):
@@ -469,7 +489,8 @@ def plot(records, path):
     dtypes = sorted({r["dtype"] for r in records})
     methods = sorted({r["method"] for r in records})
     color = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(len(dtypes), 4, figsize=(18, 4.2 * len(dtypes)), squeeze=False)
+    fig, axes = plt.subplots(len(dtypes), len(SCENARIOS), figsize=(4.5 * len(SCENARIOS), 4.2 * len(dtypes)),
+                             squeeze=False)
     for i, dt in enumerate(dtypes):
         for j, sc in enumerate(SCENARIOS):
             ax = axes[i][j]

@@ -8,9 +8,12 @@ which gives exactly the penalties of the stateless path, since the repetition pe
 per distinct id and the frequency penalty multiplies the count.
 
 Layout: the requests of the last batch live in one table per field, [B, W] on the logits' device
-(W a power of two covering every row's distinct-id bound). A decode step of the same batch
-appends each row's new token in place: a compare against the row, a scatter, no history read, and
-host-to-device traffic of O(B) (nothing at all when the tokens come from the previous step). When
+(W a power of two covering every row's distinct-id bound). Each row holds its distinct ids in
+ascending order, then -1 padding, so an id's column is its rank among the row's ids (the Triton
+backend indexes its penalised values by that rank). A decode step of the same batch adds each
+row's new token in place: a compare against the row, and for a new id a shift of the larger ids
+by one column; no history read, and host-to-device traffic of O(B) (nothing at all when the
+tokens come from the previous step). When
 the batch changes, rows are gathered from the previous table; requests that leave the batch are
 parked as their own trimmed rows. Host memory per request is O(1); device memory is 8 bytes per
 table entry: ids (int64) plus an int32 holding ``2 * output_count + seen``.
@@ -38,6 +41,9 @@ class History:
     out_ids: Optional[Any] = None
     out_counts: Optional[Any] = None
     positions: Optional[Any] = None
+    #: The table form (cached path, backends with ``reads_cache_table``) instead of the id lists.
+    table_ids: Optional[Any] = None
+    table_flags: Optional[Any] = None
     #: The cached batch this call used (set by the cache; None on the stateless path).
     table: Optional["_Table"] = None
 
@@ -63,11 +69,11 @@ class _Ops:
             return np.full(shape, value, dtype=dtype)
         return self.torch.full(shape, value, dtype=getattr(self.torch, dtype), device=self.device)
 
-    def first_true(self, mask):
-        """Index of the first True per row (0 when none)."""
+    def shift_right(self, x):
+        """Each row moved one column to the right (the first column repeated, the last dropped)."""
         if self.kind == "numpy":
-            return mask.argmax(axis=1)
-        return mask.to(self.torch.int8).argmax(dim=1)
+            return np.concatenate([x[:, :1], x[:, :-1]], axis=1)
+        return self.torch.cat([x[:, :1], x[:, :-1]], dim=1)
 
     def where(self, cond, a, b):
         return np.where(cond, a, b) if self.kind == "numpy" else self.torch.where(cond, a, b)
@@ -193,6 +199,8 @@ class RequestCache:
                 if b not in fresh:
                     self.entries[rid].param = param.take([b], convert=False)
         self.table = table
+        if be.reads_cache_table:
+            return History(param, positions=table.positions, table_ids=table.ids, table_flags=table.flags, table=table)
         flags = table.flags
         seen = (flags & 1) == 1
         hist = History(
@@ -321,7 +329,8 @@ class RequestCache:
             new = table.last[:, None]
             mask = np.zeros(len(rids), bool)
             mask[decode] = True
-            new = ops.where(ops.from_host(mask)[:, None], new, -1)
+            if not mask.all():  # (a whole decode batch copies nothing from the host)
+                new = ops.where(ops.from_host(mask)[:, None], new, -1)
             counts = mask.astype(np.int64)
         else:
             tails = []
@@ -351,18 +360,22 @@ class RequestCache:
 
     @staticmethod
     def _append(ops: _Ops, table: _Table, tok, vocab: int) -> None:
-        """One new output token per row (-1: none): count it, mark it seen, advance the stream."""
+        """One new output token per row (-1: none): count it, mark it seen, advance the stream.
+
+        The row stays sorted: a known id is at column ``rank`` (the number of smaller ids); a new
+        one is inserted there, the larger ids moving one column right (the width leaves room)."""
         ok = (tok >= 0) & (tok < vocab)
-        match = table.ids == tok[:, None]
-        found = match.any(1)
-        used = (table.ids >= 0).sum(1)
-        # A row without a new token may be full; its (unchanged) write goes to the last column.
-        col = ops.where(found, ops.first_true(match), ops.where(used < table.width, used, table.width - 1))
-        rows = ops.arange(len(table.request_ids))
-        old_ids = table.ids[rows, col]
-        old_flags = table.flags[rows, col]
-        table.ids[rows, col] = ops.where(ok, tok, old_ids)
-        table.flags[rows, col] = ops.where(ok, (old_flags | 1) + 2, old_flags)
+        t = tok[:, None]
+        ids, flags = table.ids, table.flags
+        rank = ((ids >= 0) & (ids < t)).sum(1)[:, None]
+        cols = ops.arange(table.width)[None, :]
+        at = ok[:, None] & (cols == rank)
+        new = ok[:, None] & ~(ids == t).any(1)[:, None]
+        shift = new & (cols > rank)
+        table.ids[...] = ops.where(at, t, ops.where(shift, ops.shift_right(ids), ids))
+        table.flags[...] = ops.where(
+            at, ops.where(new, 3, (flags | 1) + 2), ops.where(shift, ops.shift_right(flags), flags)
+        )
         table.positions += ok
 
     def _park_all(self, table: _Table, keep=frozenset()) -> None:

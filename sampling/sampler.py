@@ -142,6 +142,8 @@ class Sampler:
             out_ids=history.out_ids,
             out_counts=history.out_counts,
             positions=history.positions,
+            table_ids=history.table_ids,
+            table_flags=history.table_flags,
             sampler_seed=self.seed,
             call=self.calls,
             logprobs_mode=self.logprobs_mode,

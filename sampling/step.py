@@ -18,8 +18,14 @@ class Step:
 
     Penalty inputs: ``rep_ids`` [B, R] are the ids the repetition penalty sees; ``out_ids`` [B, O]
     those the frequency / presence penalties count, each entry counting ``out_counts`` times
-    (1 when None). With ``out_counts`` the valid ids of a row are distinct (the cache's table). Ids outside [0, V) are padding. ``positions`` [B] is the stream position;
-    when None it is the (weighted) number of valid ``out_ids``.
+    (1 when None). With ``out_counts`` the valid ids of a row are distinct (the cache's table).
+    Ids outside [0, V) are padding. ``positions`` [B] is the stream position; when None it is
+    the (weighted) number of valid ``out_ids``.
+
+    A backend with ``reads_cache_table`` gets cached rows as the cache's own table instead of
+    the lists: ``table_ids`` [B, W] int64, each row's distinct ids in ascending order followed
+    by -1 padding, and ``table_flags`` [B, W] int32, ``2 * output count + seen`` (seen: the
+    repetition penalty applies); ``rep_ids`` / ``out_ids`` / ``out_counts`` are then None.
     """
 
     logits: Any
@@ -29,6 +35,8 @@ class Step:
     out_ids: Optional[Any] = None
     out_counts: Optional[Any] = None
     positions: Optional[Any] = None
+    table_ids: Optional[Any] = None
+    table_flags: Optional[Any] = None
     #: The sampler's own seed and call counter, for rows without a seed.
     sampler_seed: int = 0
     call: int = 0

@@ -128,6 +128,19 @@ class CacheMachine(RuleBasedStateMachine):
         self._step(self.batch, {"all_input_ids": "all", "output_ids": "out"})
 
     @invariant()
+    def rows_sorted(self):
+        # The Triton backend takes an id's column as its rank: each row holds its distinct ids
+        # in ascending order, then only -1 padding.
+        table = getattr(getattr(self, "cached", None), "cache", None)
+        table = table.table if table is not None else None
+        if table is None:
+            return
+        ids = self.to_host(table.ids) if table.ops.kind == "torch" else np.asarray(table.ids)
+        for row in ids:
+            n = int((row >= 0).sum())
+            assert (row[n:] == -1).all() and (np.diff(row[:n]) > 0).all(), row
+
+    @invariant()
     def bounded(self):
         if self.max_cached is not None and hasattr(self, "cached"):
             assert len(self.cached.cache) <= self.max_cached

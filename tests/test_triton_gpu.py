@@ -415,3 +415,28 @@ def test_prefetched_penalty_lookups_are_bit_identical():
     assert torch.equal(plain[0], pre[0])
     again = Sampler(backend="triton", seed=1, logprobs_mode="processed")(x, data, param)
     assert torch.equal(again[0], pre[0]) and torch.equal(again[1], pre[1])
+
+
+def test_cached_decode_steps_are_bit_identical_to_the_stateless_path():
+    """The prep from the request cache's table (ids sorted, states given) against raw history ids:
+    a prefill and three decode steps of heterogeneous rows, with 1024 + 512-id histories."""
+    rows = 8 if SMALL else 256
+    rng = np.random.default_rng(5)
+    param = params(rows, "mixed", seed=5)
+    prompt = rng.integers(-3, V + 3, (rows, 1024))  # padding and garbage too
+    out = rng.integers(0, V, (rows, 512))
+    rids = np.arange(rows) * 7 + 3
+    cached = Sampler(backend="triton", seed=2, num_logprobs=3)
+    stateless = Sampler(backend="triton", seed=2, num_logprobs=3)
+    for step in range(4):
+        x = randn_logits(rows, seed=100 + step)
+        full = SamplingData.from_numpy(all_input_ids=np.concatenate([prompt, out], axis=1), output_ids=out)
+        if step == 0:
+            data = SamplingData.from_numpy(all_input_ids=np.concatenate([prompt, out], axis=1), output_ids=out,
+                                           request_ids=rids, is_prefill=True)
+        else:
+            data = SamplingData.from_numpy(request_ids=rids, is_prefill=False)
+        got, want = cached(x, data, param), stateless(x, full, param)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), step
+        out = np.concatenate([out, want[1].cpu().numpy()[:, None]], axis=1)

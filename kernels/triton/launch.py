@@ -206,11 +206,18 @@ def run(step):
     any_gumbel = bool((~trunc & ~greedy).any())
     has_temp = bool((host["temperature"] != 1).any())
     mode = K.MODES[step.logprobs_mode]
-    rep, rep_stride, R = _ids(step.rep_ids, rows)
-    out, out_stride, O = _ids(step.out_ids, rows)
-    cnt, cnt_stride, _ = _ids(step.out_counts, rows) if out is not None else (None, 0, 0)
+    table = step.table_ids is not None
+    if table:
+        # The cache's table: ids (as the repetition list) and their states (as the counts)
+        rep, rep_stride, R = _ids(step.table_ids, rows)
+        cnt, cnt_stride, _ = _ids(step.table_flags, rows)
+        out, out_stride, O = None, 0, 0
+    else:
+        rep, rep_stride, R = _ids(step.rep_ids, rows)
+        out, out_stride, O = _ids(step.out_ids, rows)
+        cnt, cnt_stride, _ = _ids(step.out_counts, rows) if out is not None else (None, 0, 0)
     pen_rep = rep is not None and R > 0 and bool((host["repetition_penalty"] != 1).any())
-    pen_out = out is not None and O > 0 and bool(
+    pen_out = (table or out is not None) and max(R, O) > 0 and bool(
         ((host["frequency_penalty"] != 0) | (host["presence_penalty"] != 0)).any()
     )
     pen = pen_rep or pen_out
@@ -232,9 +239,10 @@ def run(step):
     positions = step.positions
     seed = int(step.sampler_seed)
     words = triton.cdiv(vocab, 32)
-    # the penalty table, per row: bitmask, its word prefix, R + O value and state slots
-    # (pipeline._prep_kernel); sized by this call's history, so allocated per call
-    rs = 2 * words + 2 * (R + O) if pen else 0
+    # the penalty table, per row: bitmask, its word prefix, R + O value and state slots, or R
+    # values from the cache's table (pipeline._prep_kernel); sized by this call's history, so
+    # allocated per call
+    rs = (2 * words + (R if table else 2 * (R + O))) if pen else 0
     pen_tab = torch.empty(max(rows * rs, 1), dtype=torch.int32, device=dev)
     tok = torch.empty(rows, dtype=torch.int64, device=dev)
     lp = torch.empty(rows, dtype=torch.float32, device=dev)
@@ -246,7 +254,8 @@ def run(step):
         positions if positions is not None else dummy,
     )
     seeds = (P["has_seed"], P["seed_lo"], P["seed_hi"], seed & 0xFFFFFFFF, seed >> 32, counter)
-    hflags = dict(HAS_OUT=out is not None, HAS_COUNTS=cnt is not None, HAS_POS=positions is not None)
+    hflags = dict(HAS_OUT=out is not None, HAS_COUNTS=out is not None and cnt is not None,
+                  HAS_POS=positions is not None)
     common = (P["temperature"], P["greedy"], P["top_k"], P["top_p"], P["min_p"])
     prep = pen or any_trunc
     if prep:
@@ -259,7 +268,7 @@ def run(step):
             pen_tab, rs,
             ws["rowkey"], ws["ncand"],
             *common, ws["theta"], ws["ythr"], cfg.cap,
-            HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, **hflags,
+            HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, TABLE=table, **hflags,
             PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
             BL=cfg.prep_block, BW=16 if interpreting() else 1024,
             num_warps=cfg.prep_warps, enable_fp_fusion=False,

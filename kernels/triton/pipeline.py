@@ -381,6 +381,31 @@ def _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V):
 
 
 @triton.jit
+def _penalise(z, st, r, f, pp, PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr):
+    """A penalised token's value from its logit z and its state st = 2 * (output count) + seen,
+    float32 with each operation rounded separately (as numpy)."""
+    if PEN_REP:
+        z = tl.where((st & 1) != 0, tl.where(z > 0, tl.math.div_rn(z, r), z * r), z)
+    if PEN_OUT:
+        c = st >> 1
+        z = tl.where(c > 0, z - f * c.to(tl.float32), z)
+        z = tl.where(c > 0, z - pp, z)
+    return z
+
+
+@triton.jit
+def _word_prefix(pen_row, W, FAST: tl.constexpr, BW: tl.constexpr):
+    """The exclusive prefix of the bitmask words' set bits, after the bits (past a barrier)."""
+    wl = tl.arange(0, BW)
+    carry = tl.zeros([], tl.int32)
+    for w0 in range(0, W, BW):
+        pc = _popc(tl.load(pen_row + w0 + wl, mask=w0 + wl < W, other=0, cache_modifier=".cg").to(tl.uint32),
+                   FAST)
+        tl.store(pen_row + W + w0 + wl, carry + tl.cumsum(pc, 0) - pc, mask=w0 + wl < W)
+        carry += tl.sum(pc)
+
+
+@triton.jit
 def _position_key(
     b, V, out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
     samp_lo, samp_hi, call_ptr,
@@ -437,8 +462,8 @@ def _prep_kernel(
     rowkey_ptr, ncand_ptr,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
     HAS_REP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
-    PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, PIVOT: tl.constexpr, HAS_TEMP: tl.constexpr,
-    FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr,
+    PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, PIVOT: tl.constexpr,
+    HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr,
     BL: tl.constexpr, BW: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -450,85 +475,88 @@ def _prep_kernel(
     tl.store(rowkey_ptr + b, key.to(tl.int64))
 
     if PEN_REP or PEN_OUT:
-        # The row's penalty table, pen[b] = [bits: W words | prefix: W words | values: S | state: S]
-        # with S = R + O slots: bit t of the bitmask marks a penalised token, the prefix holds the
-        # set bits of the words before each word, so a penalised token's slot is its rank among
-        # the row's penalised tokens; values holds its penalised float32 value, state
-        # 2 * (output count) + (seen by the repetition penalty). Everything the scan reads is
-        # O(V / 32 + L) per row, written coalesced or into a few KB, not scattered over a
-        # [B, V] table (bench/NOTES.md, v7).
+        # The row's penalty table, pen[b] = [bits: W words | prefix: W words | values: S | state: S]:
+        # bit t of the bitmask marks a penalised token, the prefix holds the set bits of the words
+        # before each word, so a penalised token's slot is its rank among the row's penalised
+        # tokens; values holds its penalised float32 value, state 2 * (output count) + (seen by
+        # the repetition penalty). Everything the scan reads is O(V / 32 + L) per row, written
+        # coalesced or into a few KB, not scattered over a [B, V] table (bench/NOTES.md, v7).
         pen_row = pen_ptr + b64 * RS
-        S = (RS - 2 * W) // 2
         zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
-        slot_row = pen_row + 2 * W + S
         x_row = x_ptr + b64 * x_stride
         rep_row = rep_ptr + b64 * rep_stride
         out_row = out_ptr + b64 * out_stride
         wl = tl.arange(0, BW)
-        for w0 in range(0, W, BW):
-            tl.store(pen_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
-        for i0 in range(0, S, BW):
-            tl.store(slot_row + i0 + wl, tl.zeros([BW], tl.int32), mask=i0 + wl < S)
-        tl.debug_barrier()
-        # Phase 1: the bits of every penalised token.
-        if PEN_REP:
-            for i0 in range(0, R, BL):
-                i, ok, ts = _ids(rep_row, i0, lanes, R, V)
-                _set_bits(pen_row, ts, ok)
-        if PEN_OUT:
-            for i0 in range(0, O, BL):
-                i, ok, ts = _ids(out_row, i0, lanes, O, V)
-                _set_bits(pen_row, ts, ok)
-        tl.debug_barrier()
-        # Phase 2: the exclusive prefix of the words' set bits.
-        carry = tl.zeros([], tl.int32)
-        for w0 in range(0, W, BW):
-            pc = _popc(tl.load(pen_row + w0 + wl, mask=w0 + wl < W, other=0, cache_modifier=".cg").to(tl.uint32),
-                       FAST)
-            tl.store(pen_row + W + w0 + wl, carry + tl.cumsum(pc, 0) - pc, mask=w0 + wl < W)
-            carry += tl.sum(pc)
-        tl.debug_barrier()
-        # Phase 3: seen flags and output counts, per slot.
-        if PEN_REP:
-            for i0 in range(0, R, BL):
-                i, ok, ts = _ids(rep_row, i0, lanes, R, V)
-                word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
-                tl.atomic_or(slot_row + _rank(word, pre, ts, FAST), tl.full([BL], 1, tl.int32), mask=ok,
-                             sem="relaxed")
-        if PEN_OUT:
-            for i0 in range(0, O, BL):
-                i, ok, ts = _ids(out_row, i0, lanes, O, V)
-                if HAS_COUNTS:
-                    w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int32)
-                else:
-                    w = tl.full([BL], 1, tl.int32)
-                word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
-                tl.atomic_add(slot_row + _rank(word, pre, ts, FAST), 2 * w, mask=ok, sem="relaxed")
-        tl.debug_barrier()
-        # Phase 4: penalised values, float32, each operation rounded separately (as numpy). Every
-        # id of a token writes the same value; the output ids skip tokens the prompt ids cover.
         r = tl.load(rp_ptr + b)
         f = tl.load(fp_ptr + b)
         pp = tl.load(pp_ptr + b)
-        for li in tl.static_range(2):
-            if (li == 0 and PEN_REP) or (li == 1 and PEN_OUT):
-                L = R if li == 0 else O
-                ids_row = rep_row if li == 0 else out_row
-                for i0 in range(0, L, BL):
-                    i, ok, ts = _ids(ids_row, i0, lanes, L, V)
+        for w0 in range(0, W, BW):
+            tl.store(pen_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
+        if TABLE:
+            # The cache's table (rep_ptr: ids, cnt_ptr: states, R columns): its valid ids are
+            # distinct, ascending and first in the row, so an id's column is its rank: the bits
+            # and the values need no lookup, and the states are the cache's own (S = R, no
+            # state slots).
+            tl.debug_barrier()
+            for i0 in range(0, R, BL):
+                i, ok, ts = _ids(rep_row, i0, lanes, R, V)
+                _set_bits(pen_row, ts, ok)
+                st = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0)
+                z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
+                tl.store(zrow + i, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
+            tl.debug_barrier()
+            _word_prefix(pen_row, W, FAST, BW)
+        else:
+            S = (RS - 2 * W) // 2
+            slot_row = pen_row + 2 * W + S
+            for i0 in range(0, S, BW):
+                tl.store(slot_row + i0 + wl, tl.zeros([BW], tl.int32), mask=i0 + wl < S)
+            tl.debug_barrier()
+            # Phase 1: the bits of every penalised token.
+            if PEN_REP:
+                for i0 in range(0, R, BL):
+                    i, ok, ts = _ids(rep_row, i0, lanes, R, V)
+                    _set_bits(pen_row, ts, ok)
+            if PEN_OUT:
+                for i0 in range(0, O, BL):
+                    i, ok, ts = _ids(out_row, i0, lanes, O, V)
+                    _set_bits(pen_row, ts, ok)
+            tl.debug_barrier()
+            # Phase 2: the exclusive prefix of the words' set bits.
+            _word_prefix(pen_row, W, FAST, BW)
+            tl.debug_barrier()
+            # Phase 3: seen flags and output counts, per slot.
+            if PEN_REP:
+                for i0 in range(0, R, BL):
+                    i, ok, ts = _ids(rep_row, i0, lanes, R, V)
                     word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
-                    slot = _rank(word, pre, ts, FAST)
-                    st = tl.load(slot_row + slot, mask=ok, other=0, cache_modifier=".cg")
-                    if li == 1 and PEN_REP:
-                        ok = ok & ((st & 1) == 0)
-                    z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
-                    if PEN_REP:
-                        z = tl.where((st & 1) != 0, tl.where(z > 0, tl.math.div_rn(z, r), z * r), z)
-                    if PEN_OUT:
-                        c = st >> 1
-                        z = tl.where(c > 0, z - f * c.to(tl.float32), z)
-                        z = tl.where(c > 0, z - pp, z)
-                    tl.store(zrow + slot, z, mask=ok)
+                    tl.atomic_or(slot_row + _rank(word, pre, ts, FAST), tl.full([BL], 1, tl.int32), mask=ok,
+                                 sem="relaxed")
+            if PEN_OUT:
+                for i0 in range(0, O, BL):
+                    i, ok, ts = _ids(out_row, i0, lanes, O, V)
+                    if HAS_COUNTS:
+                        w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int32)
+                    else:
+                        w = tl.full([BL], 1, tl.int32)
+                    word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
+                    tl.atomic_add(slot_row + _rank(word, pre, ts, FAST), 2 * w, mask=ok, sem="relaxed")
+            tl.debug_barrier()
+            # Phase 4: penalised values. Every id of a token writes the same value; the output
+            # ids skip tokens the prompt ids cover.
+            for li in tl.static_range(2):
+                if (li == 0 and PEN_REP) or (li == 1 and PEN_OUT):
+                    L = R if li == 0 else O
+                    ids_row = rep_row if li == 0 else out_row
+                    for i0 in range(0, L, BL):
+                        i, ok, ts = _ids(ids_row, i0, lanes, L, V)
+                        word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
+                        slot = _rank(word, pre, ts, FAST)
+                        st = tl.load(slot_row + slot, mask=ok, other=0, cache_modifier=".cg")
+                        if li == 1 and PEN_REP:
+                            ok = ok & ((st & 1) == 0)
+                        z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
+                        tl.store(zrow + slot, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
     if PIVOT:
         if PEN_REP or PEN_OUT:
             tl.debug_barrier()
