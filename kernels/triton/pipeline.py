@@ -279,16 +279,17 @@ def _rank(word, pre, t, FAST: tl.constexpr):
 
 
 @triton.jit
-def _pen_words(pen_row, offs, mask, W, CM: tl.constexpr = ""):
-    """The bitmask word and its prefix for each token (see :func:`_prep_kernel`). CM ".cg":
-    read through the L2 only, for the prep, which builds the table with atomics in the same launch."""
+def _pen_words(pen_row, offs, mask, W, CM: tl.constexpr):
+    """The bitmask word and its prefix for each token (see :func:`_prep_kernel`). CM, the loads'
+    cache modifier: "" (default caching), or ".cg" (L2 only) in the prep, which builds the table
+    with atomics in the same launch. (An explicit argument: Triton 3.6 rejects a str default.)"""
     word = tl.load(pen_row + (offs >> 5), mask=mask, other=0, cache_modifier=CM)
     pre = tl.load(pen_row + W + (offs >> 5), mask=mask, other=0, cache_modifier=CM)
     return word, pre
 
 
 @triton.jit
-def _pen_value(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr, CM: tl.constexpr = ""):
+def _pen_value(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr, CM: tl.constexpr):
     """(hit, penalised value before the temperature) from a token's bitmask word and prefix."""
     hit = _bit(word, offs) & mask
     zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
@@ -302,8 +303,8 @@ def _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.c
     """Penalised, tempered ``z`` from loaded logits ``x`` (float32; masked lanes -inf)."""
     z = x
     if HAS_PEN:
-        word, pre = _pen_words(pen_row, offs, mask, W)
-        hit, zp = _pen_value(pen_row, word, pre, offs, mask, W, FAST)
+        word, pre = _pen_words(pen_row, offs, mask, W, "")
+        hit, zp = _pen_value(pen_row, word, pre, offs, mask, W, FAST, "")
         z = tl.where(hit, zp, z)
     if HAS_TEMP:
         z = _div(z, T, Y, FAST)
@@ -723,10 +724,10 @@ def _scan_kernel(
             # Penalty lookups software-pipelined: the bitmask words two tiles ahead, the dependent
             # penalised values one tile ahead, so neither latency sits in the tile's critical path.
             o0 = start + lanes
-            w0, p0 = _pen_words(pen_row, o0, o0 < end, W)
-            hitn, zpn = _pen_value(pen_row, w0, p0, o0, o0 < end, W, FAST)
+            w0, p0 = _pen_words(pen_row, o0, o0 < end, W, "")
+            hitn, zpn = _pen_value(pen_row, w0, p0, o0, o0 < end, W, FAST, "")
             o1 = o0 + TILE
-            wn, pn = _pen_words(pen_row, o1, o1 < end, W)
+            wn, pn = _pen_words(pen_row, o1, o1 < end, W, "")
         for s0 in range(start, end, TILE):
             offs = s0 + lanes
             mask = offs < end
@@ -736,9 +737,9 @@ def _scan_kernel(
                 hit = hitn
                 zp = zpn
                 o1 = offs + TILE
-                hitn, zpn = _pen_value(pen_row, wn, pn, o1, o1 < end, W, FAST)
+                hitn, zpn = _pen_value(pen_row, wn, pn, o1, o1 < end, W, FAST, "")
                 o2 = o1 + TILE
-                wn, pn = _pen_words(pen_row, o2, o2 < end, W)
+                wn, pn = _pen_words(pen_row, o2, o2 < end, W, "")
                 y = tl.where(hit, zp, x)
             else:
                 y = _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN, False, FAST)
