@@ -144,6 +144,7 @@ class Sampler:
             positions=history.positions,
             table_ids=history.table_ids,
             table_flags=history.table_flags,
+            table_new=history.table_new,
             sampler_seed=self.seed,
             call=self.calls,
             logprobs_mode=self.logprobs_mode,

@@ -26,6 +26,9 @@ class Step:
     the lists: ``table_ids`` [B, W] int64, each row's distinct ids in ascending order followed
     by -1 padding, and ``table_flags`` [B, W] int32, ``2 * output count + seen`` (seen: the
     repetition penalty applies); ``rep_ids`` / ``out_ids`` / ``out_counts`` are then None.
+    ``table_new`` [B] int64 (or None) is one output token per row (-1: none) that the backend
+    adds to the table (in place, before reading it) by the rule of the cache's ``_append``:
+    count it and mark it seen, insert a new id at its rank, advance ``positions``.
     """
 
     logits: Any
@@ -37,6 +40,7 @@ class Step:
     positions: Optional[Any] = None
     table_ids: Optional[Any] = None
     table_flags: Optional[Any] = None
+    table_new: Optional[Any] = None
     #: The sampler's own seed and call counter, for rows without a seed.
     sampler_seed: int = 0
     call: int = 0

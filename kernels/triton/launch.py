@@ -257,7 +257,9 @@ def run(step):
     hflags = dict(HAS_OUT=out is not None, HAS_COUNTS=out is not None and cnt is not None,
                   HAS_POS=positions is not None)
     common = (P["temperature"], P["greedy"], P["top_k"], P["top_p"], P["min_p"])
-    prep = pen or any_trunc
+    # the prep adds the cache's pending tokens to its table (Step.table_new), so it runs
+    new = step.table_new if table else None
+    prep = pen or any_trunc or new is not None
     if prep:
         K._prep_kernel[(rows,)](
             x, x.stride(0), vocab, words,
@@ -266,9 +268,10 @@ def run(step):
             P["repetition_penalty"], P["frequency_penalty"], P["presence_penalty"],
             *seeds,
             pen_tab, rs,
-            ws["rowkey"], ws["ncand"],
+            ws["rowkey"], ws["ncand"], new if new is not None else dummy,
             *common, ws["theta"], ws["ythr"], cfg.cap,
-            HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, TABLE=table, **hflags,
+            HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, TABLE=table, HAS_NEW=new is not None,
+            **hflags,
             PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
             BL=cfg.prep_block, BW=16 if interpreting() else 1024,
             num_warps=cfg.prep_warps, enable_fp_fusion=False,

@@ -440,6 +440,46 @@ def _position_key(
     return tl.where(has_seed, seeded, free)
 
 
+@triton.jit
+def _table_add(ids_row, st_row, pos_ptr, tok, R, V, BL: tl.constexpr):
+    """Adds output token ``tok`` (-1: none) to a row of the request cache's table, in place, by
+    the rule of ``RequestCache._append``: a known id's state gains a count (+2) and the seen bit;
+    a new id is inserted at its rank (state 3), the larger ids moving one column right (the
+    last column drops out of a full row; the cache leaves room); the stream position advances."""
+    if (tok >= 0) & (tok < V):
+        lanes = tl.arange(0, BL)
+        rank = tl.zeros([], tl.int32)
+        found = tl.zeros([], tl.int32)
+        for i0 in range(0, R, BL):
+            i = i0 + lanes
+            t = tl.load(ids_row + i, mask=i < R, other=-1)
+            rank += tl.sum(((t >= 0) & (t < tok)).to(tl.int32))
+            found += tl.sum((t == tok).to(tl.int32))
+        if found == 0:
+            # Blocks from the last down: a block's columns i > rank take column i - 1, all
+            # read (barrier) before any is written; the block below writes only its own.
+            nb = tl.cdiv(R, BL)
+            for j in range(nb):
+                i = (nb - 1 - j) * BL + lanes
+                m = (i > rank) & (i < R)
+                t = tl.load(ids_row + i - 1, mask=m, other=-1)
+                st = tl.load(st_row + i - 1, mask=m, other=0)
+                tl.debug_barrier()
+                tl.store(ids_row + i, t, mask=m)
+                tl.store(st_row + i, st, mask=m)
+            tl.debug_barrier()
+            tl.store(ids_row + rank, tok)
+            tl.store(st_row + rank, 3)
+        else:
+            st = tl.load(st_row + rank)
+            tl.debug_barrier()  # (every thread reads before any writes)
+            tl.store(st_row + rank, (st | 1) + 2)
+        pos = tl.load(pos_ptr)
+        tl.debug_barrier()
+        tl.store(pos_ptr, pos + 1)
+    tl.debug_barrier()
+
+
 # Arguments that change from one decode step to the next are not specialised: Triton would
 # otherwise compile a new variant each time an integer crosses 1 or a multiple of 16 (history
 # widths and strides, batch size, chunk counts: every few steps of a growing history) or a
@@ -460,10 +500,10 @@ def _prep_kernel(
     hs_ptr, slo_ptr, shi_ptr,
     samp_lo, samp_hi, call_ptr,
     pen_ptr, RS,
-    rowkey_ptr, ncand_ptr,
+    rowkey_ptr, ncand_ptr, new_ptr,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
     HAS_REP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
-    PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, PIVOT: tl.constexpr,
+    PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, HAS_NEW: tl.constexpr, PIVOT: tl.constexpr,
     HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr,
     BL: tl.constexpr, BW: tl.constexpr,
 ):
@@ -471,6 +511,9 @@ def _prep_kernel(
     b64 = b.to(tl.int64)
     tl.store(ncand_ptr + b, 0)
     lanes = tl.arange(0, BL)
+    if HAS_NEW:
+        _table_add(rep_ptr + b64 * rep_stride, cnt_ptr + b64 * cnt_stride, pos_ptr + b, tl.load(new_ptr + b), R, V,
+                   BL)
     key = _position_key(b, V, out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
                         samp_lo, samp_hi, call_ptr, HAS_OUT, HAS_COUNTS, HAS_POS, BL)
     tl.store(rowkey_ptr + b, key.to(tl.int64))
@@ -495,18 +538,21 @@ def _prep_kernel(
             tl.store(pen_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
         if TABLE:
             # The cache's table (rep_ptr: ids, cnt_ptr: states, R columns): its valid ids are
-            # distinct, ascending and first in the row, so an id's column is its rank: the bits
-            # and the values need no lookup, and the states are the cache's own (S = R, no
-            # state slots).
+            # distinct, ascending and first in the row, so the ids of one bitmask word sit in
+            # consecutive columns. The "prefix" of a word that has set bits is the column of its
+            # first id, written by that id (no prefix sum; the words without set bits are left
+            # unwritten: a lookup reads a value only on a hit), and a penalised token's slot is
+            # its column. One pass, no lookups; the states are the cache's own (no state slots).
             tl.debug_barrier()
             for i0 in range(0, R, BL):
                 i, ok, ts = _ids(rep_row, i0, lanes, R, V)
                 _set_bits(pen_row, ts, ok)
+                before = tl.load(rep_row + i - 1, mask=ok & (i > 0), other=-1)
+                first = ok & ((i == 0) | ((before >> 5) != (ts >> 5).to(tl.int64)))
+                tl.store(pen_row + W + (ts >> 5), i, mask=first)
                 st = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0)
                 z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
                 tl.store(zrow + i, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
-            tl.debug_barrier()
-            _word_prefix(pen_row, W, FAST, BW)
         else:
             S = (RS - 2 * W) // 2
             slot_row = pen_row + 2 * W + S
