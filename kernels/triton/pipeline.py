@@ -289,6 +289,19 @@ def _pen_words(pen_row, offs, mask, W, CM: tl.constexpr):
 
 
 @triton.jit
+def _pen_words_tile(pen_row, o0, end, W, TILE: tl.constexpr):
+    """:func:`_pen_words` for the tile o0 + [0, TILE) (o0 a multiple of 4): 4 consecutive tokens
+    share a bitmask word, so each group of 4 loads its word and prefix once, broadcast to the 4
+    (the layout of [TILE // 4, 4] matches the tile's 4-element vectors per lane)."""
+    q = o0 + 4 * tl.arange(0, TILE // 4)
+    word = tl.load(pen_row + (q >> 5), mask=q < end, other=0)
+    pre = tl.load(pen_row + W + (q >> 5), mask=q < end, other=0)
+    word = tl.reshape(tl.broadcast_to(word[:, None], [TILE // 4, 4]), [TILE])
+    pre = tl.reshape(tl.broadcast_to(pre[:, None], [TILE // 4, 4]), [TILE])
+    return word, pre
+
+
+@triton.jit
 def _pen_value(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr, CM: tl.constexpr):
     """(hit, penalised value before the temperature) from a token's bitmask word and prefix."""
     hit = _bit(word, offs) & mask
@@ -468,8 +481,8 @@ def _table_add(ids_row, st_row, pos_ptr, tok, R, V, BL: tl.constexpr):
                 tl.store(ids_row + i, t, mask=m)
                 tl.store(st_row + i, st, mask=m)
             tl.debug_barrier()
-            tl.store(ids_row + rank, tok)
-            tl.store(st_row + rank, 3)
+            tl.store(ids_row + rank, tok, mask=rank < R)  # (a full row drops a larger new id)
+            tl.store(st_row + rank, 3, mask=rank < R)
         else:
             st = tl.load(st_row + rank)
             tl.debug_barrier()  # (every thread reads before any writes)
@@ -770,10 +783,10 @@ def _scan_kernel(
             # Penalty lookups software-pipelined: the bitmask words two tiles ahead, the dependent
             # penalised values one tile ahead, so neither latency sits in the tile's critical path.
             o0 = start + lanes
-            w0, p0 = _pen_words(pen_row, o0, o0 < end, W, "")
+            w0, p0 = _pen_words_tile(pen_row, start, end, W, TILE)
             hitn, zpn = _pen_value(pen_row, w0, p0, o0, o0 < end, W, FAST, "")
             o1 = o0 + TILE
-            wn, pn = _pen_words(pen_row, o1, o1 < end, W, "")
+            wn, pn = _pen_words_tile(pen_row, start + TILE, end, W, TILE)
         for s0 in range(start, end, TILE):
             offs = s0 + lanes
             mask = offs < end
@@ -784,8 +797,7 @@ def _scan_kernel(
                 zp = zpn
                 o1 = offs + TILE
                 hitn, zpn = _pen_value(pen_row, wn, pn, o1, o1 < end, W, FAST, "")
-                o2 = o1 + TILE
-                wn, pn = _pen_words(pen_row, o2, o2 < end, W, "")
+                wn, pn = _pen_words_tile(pen_row, s0 + 2 * TILE, end, W, TILE)
                 y = tl.where(hit, zp, x)
             else:
                 y = _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN, False, FAST)
