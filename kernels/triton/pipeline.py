@@ -454,80 +454,42 @@ def _position_key(
 
 
 @triton.jit
-def _table_pass(x_row, ids_row, st_row, pos_ptr, tok, pen_row, W, R, V, r, f, pp,
-                HAS_NEW: tl.constexpr, PEN: tl.constexpr, PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr,
-                FAST: tl.constexpr, BL: tl.constexpr, BW: tl.constexpr):
-    """A row of the request cache's table (ids_row: distinct ids ascending, then padding;
-    st_row: states 2 * count + seen): adds the pending output token ``tok`` (HAS_NEW; -1: none)
-    in place and, with PEN, builds the row's penalty table from the new row, in one pass.
-
-    Adding follows ``RequestCache._append``: a known id's state gains a count (+2) and the seen
-    bit; a new id goes to its rank (state 3), the larger ids moving one column right (a full
-    row drops its last column; the cache leaves room); the stream position advances.
-
-    The penalty table (see :func:`_prep_kernel`) needs no lookups here: the ids of one bitmask
-    word sit in consecutive columns, so a word's "prefix" is the column of its first id, written
-    by that id (words without set bits stay unwritten: lookups read a value only on a hit), and
-    a penalised token's value slot is its column."""
-    lanes = tl.arange(0, BL)
-    wl = tl.arange(0, BW)
-    if PEN:
-        for w0 in range(0, W, BW):
-            tl.store(pen_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
-    ok_new = False
-    rank = tl.full([], -2, tl.int32)  # the token's column (-2: none)
-    # columns > shift move right: the token's rank when it is new to the row, else none
-    shift = tl.full([], 2147483647, tl.int32)
-    if HAS_NEW:
-        ok_new = (tok >= 0) & (tok < V)
-        found = tl.zeros([], tl.int32)
+def _table_add(ids_row, st_row, pos_ptr, tok, R, V, BL: tl.constexpr):
+    """Adds output token ``tok`` (-1: none) to a row of the request cache's table, in place, by
+    the rule of ``RequestCache._append``: a known id's state gains a count (+2) and the seen bit;
+    a new id is inserted at its rank (state 3), the larger ids moving one column right (the
+    last column drops out of a full row; the cache leaves room); the stream position advances."""
+    if (tok >= 0) & (tok < V):
+        lanes = tl.arange(0, BL)
         rank = tl.zeros([], tl.int32)
+        found = tl.zeros([], tl.int32)
         for i0 in range(0, R, BL):
             i = i0 + lanes
             t = tl.load(ids_row + i, mask=i < R, other=-1)
             rank += tl.sum(((t >= 0) & (t < tok)).to(tl.int32))
             found += tl.sum((t == tok).to(tl.int32))
-        shift = tl.where(ok_new & (found == 0), rank, shift)
-        rank = tl.where(ok_new, rank, -2)
-    tl.debug_barrier()
-    # Blocks from the last down: a block reads columns i - 2 .. i, then (barrier) writes its own
-    # columns, which no block below reads.
-    nb = tl.cdiv(R, BL)
-    for j in range(nb):
-        i = (nb - 1 - j) * BL + lanes
-        inr = i < R
-        t0 = tl.load(ids_row + i, mask=inr, other=-1)
-        s0 = tl.load(st_row + i, mask=inr, other=0)
-        t1 = tl.load(ids_row + i - 1, mask=inr & (i >= 1), other=-1)
-        if HAS_NEW:
-            s1 = tl.load(st_row + i - 1, mask=inr & (i >= 1), other=0)
-            t2 = tl.load(ids_row + i - 2, mask=inr & (i >= 2), other=-1)
-            moved = i > shift
-            at = i == rank
-            t = tl.where(moved, t1, tl.where(at, tok, t0))
-            st = tl.where(moved, s1, tl.where(at, tl.where(i == shift, 3, (s0 | 1) + 2), s0))
-            # the new row's column i - 1, for the first id of each word
-            t1 = tl.where(i - 1 > shift, t2, tl.where(i - 1 == rank, tok, t1))
+        if found == 0:
+            # Blocks from the last down: a block's columns i > rank take column i - 1, all
+            # read (barrier) before any is written; the block below writes only its own.
+            nb = tl.cdiv(R, BL)
+            for j in range(nb):
+                i = (nb - 1 - j) * BL + lanes
+                m = (i > rank) & (i < R)
+                t = tl.load(ids_row + i - 1, mask=m, other=-1)
+                st = tl.load(st_row + i - 1, mask=m, other=0)
+                tl.debug_barrier()
+                tl.store(ids_row + i, t, mask=m)
+                tl.store(st_row + i, st, mask=m)
             tl.debug_barrier()
-            changed = inr & (moved | at)
-            tl.store(ids_row + i, t, mask=changed)
-            tl.store(st_row + i, st, mask=changed)
+            tl.store(ids_row + rank, tok, mask=rank < R)  # (a full row drops a larger new id)
+            tl.store(st_row + rank, 3, mask=rank < R)
         else:
-            t = t0
-            st = s0
-        if PEN:
-            ok = inr & (t >= 0) & (t < V)
-            ts = tl.where(ok, t, 0).to(tl.int32)
-            _set_bits(pen_row, ts, ok)
-            first = ok & ((i == 0) | ((t1 >> 5) != (t >> 5)))
-            tl.store(pen_row + W + (ts >> 5), i, mask=first)
-            z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
-            zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
-            tl.store(zrow + i, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
-    if HAS_NEW:
+            st = tl.load(st_row + rank)
+            tl.debug_barrier()  # (every thread reads before any writes)
+            tl.store(st_row + rank, (st | 1) + 2)
         pos = tl.load(pos_ptr)
         tl.debug_barrier()
-        tl.store(pos_ptr, pos + ok_new.to(pos.dtype))
+        tl.store(pos_ptr, pos + 1)
     tl.debug_barrier()
 
 
@@ -562,25 +524,20 @@ def _prep_kernel(
     b64 = b.to(tl.int64)
     tl.store(ncand_ptr + b, 0)
     lanes = tl.arange(0, BL)
-    if TABLE and (HAS_NEW or PEN_REP or PEN_OUT):
-        tok = tl.full([], -1, tl.int64)
-        if HAS_NEW:
-            tok = tl.load(new_ptr + b)
-        _table_pass(x_ptr + b64 * x_stride, rep_ptr + b64 * rep_stride, cnt_ptr + b64 * cnt_stride, pos_ptr + b, tok,
-                    pen_ptr + b64 * RS, W, R, V, tl.load(rp_ptr + b), tl.load(fp_ptr + b), tl.load(pp_ptr + b),
-                    HAS_NEW, PEN_REP or PEN_OUT, PEN_REP, PEN_OUT, FAST, BL, BW)
+    if HAS_NEW:
+        _table_add(rep_ptr + b64 * rep_stride, cnt_ptr + b64 * cnt_stride, pos_ptr + b, tl.load(new_ptr + b), R, V,
+                   BL)
     key = _position_key(b, V, out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
                         samp_lo, samp_hi, call_ptr, HAS_OUT, HAS_COUNTS, HAS_POS, BL)
     tl.store(rowkey_ptr + b, key.to(tl.int64))
 
-    if (PEN_REP or PEN_OUT) and not TABLE:
+    if PEN_REP or PEN_OUT:
         # The row's penalty table, pen[b] = [bits: W words | prefix: W words | values: S | state: S]:
         # bit t of the bitmask marks a penalised token, the prefix holds the set bits of the words
         # before each word, so a penalised token's slot is its rank among the row's penalised
         # tokens; values holds its penalised float32 value, state 2 * (output count) + (seen by
         # the repetition penalty). Everything the scan reads is O(V / 32 + L) per row, written
         # coalesced or into a few KB, not scattered over a [B, V] table (bench/NOTES.md, v7).
-        # From the cache's table (TABLE), _table_pass builds it in one pass.
         pen_row = pen_ptr + b64 * RS
         zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
         x_row = x_ptr + b64 * x_stride
@@ -592,56 +549,74 @@ def _prep_kernel(
         pp = tl.load(pp_ptr + b)
         for w0 in range(0, W, BW):
             tl.store(pen_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
-        S = (RS - 2 * W) // 2
-        slot_row = pen_row + 2 * W + S
-        for i0 in range(0, S, BW):
-            tl.store(slot_row + i0 + wl, tl.zeros([BW], tl.int32), mask=i0 + wl < S)
-        tl.debug_barrier()
-        # Phase 1: the bits of every penalised token.
-        if PEN_REP:
+        if TABLE:
+            # The cache's table (rep_ptr: ids, cnt_ptr: states, R columns): its valid ids are
+            # distinct, ascending and first in the row, so the ids of one bitmask word sit in
+            # consecutive columns. The "prefix" of a word that has set bits is the column of its
+            # first id, written by that id (no prefix sum; the words without set bits are left
+            # unwritten: a lookup reads a value only on a hit), and a penalised token's slot is
+            # its column. One pass, no lookups; the states are the cache's own (no state slots).
+            tl.debug_barrier()
             for i0 in range(0, R, BL):
                 i, ok, ts = _ids(rep_row, i0, lanes, R, V)
                 _set_bits(pen_row, ts, ok)
-        if PEN_OUT:
-            for i0 in range(0, O, BL):
-                i, ok, ts = _ids(out_row, i0, lanes, O, V)
-                _set_bits(pen_row, ts, ok)
-        tl.debug_barrier()
-        # Phase 2: the exclusive prefix of the words' set bits.
-        _word_prefix(pen_row, W, FAST, BW)
-        tl.debug_barrier()
-        # Phase 3: seen flags and output counts, per slot.
-        if PEN_REP:
-            for i0 in range(0, R, BL):
-                i, ok, ts = _ids(rep_row, i0, lanes, R, V)
-                word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
-                tl.atomic_or(slot_row + _rank(word, pre, ts, FAST), tl.full([BL], 1, tl.int32), mask=ok,
-                             sem="relaxed")
-        if PEN_OUT:
-            for i0 in range(0, O, BL):
-                i, ok, ts = _ids(out_row, i0, lanes, O, V)
-                if HAS_COUNTS:
-                    w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int32)
-                else:
-                    w = tl.full([BL], 1, tl.int32)
-                word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
-                tl.atomic_add(slot_row + _rank(word, pre, ts, FAST), 2 * w, mask=ok, sem="relaxed")
-        tl.debug_barrier()
-        # Phase 4: penalised values. Every id of a token writes the same value; the output
-        # ids skip tokens the prompt ids cover.
-        for li in tl.static_range(2):
-            if (li == 0 and PEN_REP) or (li == 1 and PEN_OUT):
-                L = R if li == 0 else O
-                ids_row = rep_row if li == 0 else out_row
-                for i0 in range(0, L, BL):
-                    i, ok, ts = _ids(ids_row, i0, lanes, L, V)
+                before = tl.load(rep_row + i - 1, mask=ok & (i > 0), other=-1)
+                first = ok & ((i == 0) | ((before >> 5) != (ts >> 5).to(tl.int64)))
+                tl.store(pen_row + W + (ts >> 5), i, mask=first)
+                st = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0)
+                z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
+                tl.store(zrow + i, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
+        else:
+            S = (RS - 2 * W) // 2
+            slot_row = pen_row + 2 * W + S
+            for i0 in range(0, S, BW):
+                tl.store(slot_row + i0 + wl, tl.zeros([BW], tl.int32), mask=i0 + wl < S)
+            tl.debug_barrier()
+            # Phase 1: the bits of every penalised token.
+            if PEN_REP:
+                for i0 in range(0, R, BL):
+                    i, ok, ts = _ids(rep_row, i0, lanes, R, V)
+                    _set_bits(pen_row, ts, ok)
+            if PEN_OUT:
+                for i0 in range(0, O, BL):
+                    i, ok, ts = _ids(out_row, i0, lanes, O, V)
+                    _set_bits(pen_row, ts, ok)
+            tl.debug_barrier()
+            # Phase 2: the exclusive prefix of the words' set bits.
+            _word_prefix(pen_row, W, FAST, BW)
+            tl.debug_barrier()
+            # Phase 3: seen flags and output counts, per slot.
+            if PEN_REP:
+                for i0 in range(0, R, BL):
+                    i, ok, ts = _ids(rep_row, i0, lanes, R, V)
                     word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
-                    slot = _rank(word, pre, ts, FAST)
-                    st = tl.load(slot_row + slot, mask=ok, other=0, cache_modifier=".cg")
-                    if li == 1 and PEN_REP:
-                        ok = ok & ((st & 1) == 0)
-                    z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
-                    tl.store(zrow + slot, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
+                    tl.atomic_or(slot_row + _rank(word, pre, ts, FAST), tl.full([BL], 1, tl.int32), mask=ok,
+                                 sem="relaxed")
+            if PEN_OUT:
+                for i0 in range(0, O, BL):
+                    i, ok, ts = _ids(out_row, i0, lanes, O, V)
+                    if HAS_COUNTS:
+                        w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int32)
+                    else:
+                        w = tl.full([BL], 1, tl.int32)
+                    word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
+                    tl.atomic_add(slot_row + _rank(word, pre, ts, FAST), 2 * w, mask=ok, sem="relaxed")
+            tl.debug_barrier()
+            # Phase 4: penalised values. Every id of a token writes the same value; the output
+            # ids skip tokens the prompt ids cover.
+            for li in tl.static_range(2):
+                if (li == 0 and PEN_REP) or (li == 1 and PEN_OUT):
+                    L = R if li == 0 else O
+                    ids_row = rep_row if li == 0 else out_row
+                    for i0 in range(0, L, BL):
+                        i, ok, ts = _ids(ids_row, i0, lanes, L, V)
+                        word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
+                        slot = _rank(word, pre, ts, FAST)
+                        st = tl.load(slot_row + slot, mask=ok, other=0, cache_modifier=".cg")
+                        if li == 1 and PEN_REP:
+                            ok = ok & ((st & 1) == 0)
+                        z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
+                        tl.store(zrow + slot, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
     if PIVOT:
         if PEN_REP or PEN_OUT:
             tl.debug_barrier()
