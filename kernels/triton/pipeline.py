@@ -312,12 +312,13 @@ def _pen_value(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr, CM: tl.con
 
 @triton.jit
 def _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr,
-          FAST: tl.constexpr):
-    """Penalised, tempered ``z`` from loaded logits ``x`` (float32; masked lanes -inf)."""
+          FAST: tl.constexpr, CM: tl.constexpr):
+    """Penalised, tempered ``z`` from loaded logits ``x`` (float32; masked lanes -inf); CM: the
+    table reads' cache modifier (:func:`_pen_words`)."""
     z = x
     if HAS_PEN:
-        word, pre = _pen_words(pen_row, offs, mask, W, "")
-        hit, zp = _pen_value(pen_row, word, pre, offs, mask, W, FAST, "")
+        word, pre = _pen_words(pen_row, offs, mask, W, CM)
+        hit, zp = _pen_value(pen_row, word, pre, offs, mask, W, FAST, CM)
         z = tl.where(hit, zp, z)
     if HAS_TEMP:
         z = _div(z, T, Y, FAST)
@@ -328,7 +329,7 @@ def _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.c
 def _load_z(x_row, offs, mask, pen_row, W, T, Y, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr,
             FAST: tl.constexpr):
     x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    return x, _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
+    return x, _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST, "")
 
 
 @triton.jit
@@ -648,14 +649,8 @@ def _pivot(x_row, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, mi
         pos = tl.where(full, i, spread)
         mask = pos < V
         x = tl.load(x_row + pos, mask=mask, other=float("-inf")).to(tl.float32)
-        z = x
-        if HAS_PEN:
-            # this program wrote the table just now (past a barrier)
-            word, pre = _pen_words(pen_row, pos, mask, W, ".cg")
-            hit, zp = _pen_value(pen_row, word, pre, pos, mask, W, FAST, ".cg")
-            z = tl.where(hit, zp, z)
-        if HAS_TEMP:
-            z = _div(z, T, Y, FAST)
+        # (".cg": this program wrote the table just now, past a barrier)
+        z = _zval(x, pos, mask, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST, ".cg")
         valid = mask & (z == z) & (z > float("-inf"))
         nvalid = tl.sum(valid.to(tl.int32))
         ns = tl.minimum(V, NS)
@@ -800,7 +795,7 @@ def _scan_kernel(
                 wn, pn = _pen_words_tile(pen_row, s0 + 2 * TILE, end, W, TILE)
                 y = tl.where(hit, zp, x)
             else:
-                y = _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN, False, FAST)
+                y = _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN, False, FAST, "")
             # NaN-propagating max: one instruction flags NaN (and +inf shows in the max).
             ymax = tl.maximum(ymax, y, propagate_nan=tl.PropagateNan.ALL)
             if NEED_S or ANY_GUMBEL:
