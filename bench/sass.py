@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNELS = ["_prep_kernel", "_scan_kernel", "_finish_kernel", "_fallback_kernel"]
+KERNELS = ["_prep_kernel", "_scan_kernel", "_finish_kernel"]
 
 
 def record(scenario: str, rows: int, vocab: int, path: str) -> None:

@@ -132,6 +132,73 @@ def test_y_threshold_is_the_exact_preimage():
     np.testing.assert_array_equal(y[2:4], [np.inf, -np.inf])
 
 
+@triton.jit
+def _key_search_probe(k_ptr, v_ptr, out_ptr, j, band, N: tl.constexpr, NC: tl.constexpr):
+    i = tl.arange(0, N)
+    keys = tl.load(k_ptr + i)
+    valid = tl.load(v_ptr + i) != 0
+    lo = tl.min(tl.where(valid, keys, 2147483647)).to(tl.int64)
+    hi = tl.max(tl.where(valid, keys, -2147483648)).to(tl.int64)
+    tl.store(out_ptr, K._key_search(keys, valid, j, band, lo, hi, NC))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    n=st.sampled_from([64, 512]),
+    nc=st.sampled_from([1, 2, 3]),
+    spread=st.sampled_from([3, 1000, 2**31]),
+    data=st.data(),
+)
+def test_key_search_lands_in_the_band(n, nc, spread, data):
+    # the pivot's and the finish's search: at least j valid keys at or above the result, and
+    # at most band of them unless the result is the j-th largest key itself (ties)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    lo = -(spread // 2)
+    keys = rng.integers(lo, lo + spread, n, dtype=np.int64).clip(-2**31 + 1, 2**31 - 1).astype(np.int32)
+    if data.draw(st.booleans()):
+        keys[rng.integers(0, n, 3)] = [-2**31 + 1, 2**31 - 1, 0]
+    valid = rng.random(n) < data.draw(st.sampled_from([0.1, 0.9, 1.0]))
+    valid[0] = True
+    desc = np.sort(keys[valid])[::-1]
+    j = data.draw(st.integers(1, len(desc)))
+    band = j + data.draw(st.sampled_from([0, 1, j // 4 + 2]))
+    out = torch.zeros(1, dtype=torch.int32)
+    _key_search_probe[(1,)](torch.from_numpy(keys), torch.from_numpy(valid.astype(np.int32)), out, j, band, N=n, NC=nc)
+    t = int(out[0])
+    count = int((desc >= t).sum())
+    assert count >= j
+    assert count <= band or t == desc[j - 1]
+
+
+@pytest.mark.parametrize("vocab,sample,j0", [(8000, 1024, 8), (200, 256, 2)])
+def test_pivot_counts_land_in_the_band(vocab, sample, j0, monkeypatch):
+    # T = 1, no penalties: theta is a cut between sampled values. A spread sample (V > sampled values)
+    # selects among its runs' maxima (runs of 8), a whole-row sample among all values.
+    launch = _launch()
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    k = np.array([1, 5, 10, 20])
+    x = logits(4, vocab, seed=vocab)
+    param = SamplingParam.from_numpy(top_k=k, seed=np.array([1, 2, 3, 4]))
+    with launch.use_config(sample=sample, pivot_j0=j0, cap=512, emit_depth=32):
+        ours, ref = run_both(x, param)
+    assert_same(ours, ref)
+    np.testing.assert_array_equal(debug["status"].numpy(), [0, 0, 0, 0])
+    theta = debug["theta"].numpy()
+    for b in range(4):
+        if vocab > sample:
+            runs = sample // 8
+            starts = np.arange(runs) * vocab // runs
+            pool = x[b][starts[:, None] + np.arange(8)].max(axis=1)
+            j = -(-k[b] * sample // vocab) + j0
+            assert 4 * j <= runs  # (the run path)
+        else:
+            pool = x[b]
+            j = k[b] + j0
+        count = int((pool >= theta[b]).sum())
+        assert j <= count <= j + j // 4 + 2, (b, j, count)
+
+
 def test_stream_matches_numpy_bit_for_bit():
     lo, hi, pos = 0xFEDCBA98, 0x0BADF00D, 12345
     out = torch.zeros(1024, dtype=torch.int64)
@@ -170,8 +237,9 @@ PATHS = {
     "top_p": (dict(top_p=[0.9, 0.3, 0.999, 0.05]), {}, [0, 0, 2, 0]),
     # a pivot from 64 of the 200 values (runs of 8), verified by the count of candidates
     "sampled_pivot": (dict(top_k=[1, 3, 10, 16], top_p=[1.0, 0.9, 0.8, 1.0]), {}, [0, 0, 0, 0]),
-    # a rank below k for the pivot: guesses land above the k-th value and are caught
-    "pivot_above_kth": (dict(top_k=[6, 9, 12, 15]), dict(pivot_j0=-3), [0, 2, 2, 2]),
+    # a rank far below k (its band, j + j/4 + 2, ends below k): the pivot lands above the k-th
+    # value and the finish catches it
+    "pivot_above_kth": (dict(top_k=[6, 9, 12, 15]), dict(WHOLE, pivot_j0=-8), [2, 2, 2, 2]),
     # more candidates expected than slots: no emission, straight to the fallback
     "k_beyond_slots": (dict(top_k=[30, 25, 20, 28], top_p=[0.9, 1.0, 0.7, 0.95]), dict(WHOLE, cap=16), [2, 2, 2, 2]),
     # more candidates found than slots (flat rows, a low min-p cut)

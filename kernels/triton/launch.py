@@ -63,9 +63,12 @@ class Config:
     finish_regs: int = 2048
     finish_pairs: int = 64
     finish_warps: int = 4
-    #: Tile and warps of the exact fallback (16 digit bins per element: keep the tile modest).
+    #: Cuts per step of the finish's search for the k-th largest candidate (pipeline._key_search):
+    #: 1 = bisection, 2 = thirds (fewer block reductions, twice the compares).
+    finish_cuts: int = 2
+    #: Tile of the exact fallback, which runs in the finish's program (16 digit bins per
+    #: element: keep the tile modest).
     fallback_tile: int = 256
-    fallback_warps: int = 8
     #: The prep kernel (one program per row): history ids handled per loop step, warps
     #: (1024 / 8: S3 prep 68 -> 62 us at B = 256, v7).
     prep_block: int = 1024
@@ -75,7 +78,7 @@ class Config:
 GPU_CONFIG = Config()
 #: Small shapes under TRITON_INTERPRET=1, so that CPU tests visit every code path.
 INTERPRET_CONFIG = Config(tile=32, prep_block=16, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64,
-                          programs_per_sm=2, min_chunk_tiles=1, emit_depth=4, finish_tile=16, finish_regs=32, finish_pairs=8, fallback_tile=32, fallback_warps=1)
+                          programs_per_sm=2, min_chunk_tiles=1, emit_depth=4, finish_tile=16, finish_regs=32, finish_pairs=8, fallback_tile=32)
 
 _override: Optional[Config] = None
 #: Tests set this to a dict to receive a copy of each row's status after the call
@@ -146,7 +149,6 @@ def _workspace(state: Dict[str, Any], device, rows: int, chunks: int, cfg: Confi
             theta=e(rows, torch.float32), ythr=e(rows, torch.float32), ncand=e(rows, torch.int32),
             pv=e(slots, torch.float32), pi=e(slots, torch.int32),
             cval=e(cands, torch.float32), cidx=e(cands, torch.int32), cw=e(cands, torch.int64),
-            lsea=e(rows, torch.float64),
             rowkey=e(rows, torch.int64), status=e(rows, torch.int32), tau=e(rows, torch.float32),
             lse=e(rows, torch.float64),
         )
@@ -297,24 +299,16 @@ def run(step):
         pen_tab, words, rs,
         ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
         ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], ws["cw"], cfg.cap,
-        tok, lp, ws["status"], ws["tau"], ws["lse"], ws["lsea"], counter,
+        tok, lp, ws["status"], ws["tau"], ws["lse"], counter,
         MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
         NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(chunks), FT=cfg.finish_tile, FR=cfg.finish_regs,
-        NKP=cfg.finish_pairs,
+        NKP=cfg.finish_pairs, NCUT=cfg.finish_cuts, TILE=cfg.fallback_tile,
         num_warps=cfg.finish_warps, enable_fp_fusion=False,
     )
-    if any_trunc:
-        K._fallback_kernel[(rows,)](
-            x, x.stride(0), vocab, chunks,
-            *common, ws["rowkey"],
-            pen_tab, words, rs, ws["cm"], ws["status"], ws["lsea"],
-            tok, lp, ws["tau"], ws["lse"],
-            MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, CP=_p2(chunks), TILE=cfg.fallback_tile,
-            num_warps=cfg.fallback_warps, enable_fp_fusion=False,
-        )
     if DEBUG is not None:
         DEBUG["status"] = ws["status"].clone()
         DEBUG["ncand"] = ws["ncand"].clone()
+        DEBUG["theta"] = ws["theta"].clone()
     status = ws["status"]
     if step.raise_invalid:
         bad = status == K.STATUS_INVALID

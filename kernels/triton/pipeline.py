@@ -72,17 +72,45 @@ def _ofloat(key):
 
 
 @triton.jit
-def _key_near_rank(keys, valid, j):
-    """A key with between j and j + j/4 + 2 ``valid`` keys >= it (at least j when ties make the
-    band empty): a bisection that stops as soon as its count lands in the band."""
-    lo = tl.min(tl.where(valid, keys, INT32_MAX)).to(tl.int64)
-    hi = tl.max(tl.where(valid, keys, INT32_MIN)).to(tl.int64)
-    band = j + j // 4 + 2
+def _cut(lo, hi, q, i: tl.constexpr, NC: tl.constexpr):
+    """The i-th of NC cuts splitting [lo, hi] (q = hi - lo + 1 >= 2 keys) into NC + 1 parts
+    (i = 1..NC; all > lo and <= hi)."""
+    return tl.minimum(lo + (i * q + NC) // (NC + 1), hi)
+
+
+@triton.jit
+def _key_search(keys, valid, j, band, lo, hi, NC: tl.constexpr):
+    """A key t with j <= #{valid keys >= t} <= band, given int64 bounds lo <= (the j-th largest
+    valid key) <= hi; the j-th largest itself when ties leave no key in the band (band = j: the
+    exact j-th largest). Each step cuts [lo, hi] at NC points (NC + 1 parts) and counts the keys
+    above every cut in one block-wide int32 sum, the counts packed in 31 // NC-bit fields, so a
+    step narrows the range (NC + 1)-fold for the price of one reduction and NC compares per key;
+    it stops as soon as a count lands in the band."""
+    F: tl.constexpr = 31 // NC
+    tl.static_assert(keys.numel < (1 << F))
     while lo < hi:
-        mid = lo + (hi - lo + 1) // 2
-        c = tl.sum((valid & (keys >= mid.to(tl.int32))).to(tl.int32))
-        lo = tl.where(c >= j, mid, lo)
-        hi = tl.where(c >= j, tl.where(c <= band, mid, hi), mid - 1)
+        q = hi - lo + 1
+        packed = tl.zeros(keys.shape, tl.int32)
+        for i in tl.static_range(1, NC + 1):
+            packed += tl.where(valid & (keys >= _cut(lo, hi, q, i, NC).to(tl.int32)), 1 << ((i - 1) * F), 0)
+        packed = tl.sum(packed)
+        # the highest cut with >= j keys above it (lo has >= j; the keys above hi number < j);
+        # equal cuts have equal counts, so the chosen cut's successor lies above it
+        nlo = lo
+        nhi = _cut(lo, hi, q, 1, NC) - 1
+        cnt = band + 1
+        for i in tl.static_range(1, NC + 1):
+            c = (packed >> ((i - 1) * F)) & ((1 << F) - 1)
+            t = _cut(lo, hi, q, i, NC)
+            if i < NC:
+                up = _cut(lo, hi, q, i + 1, NC) - 1
+            else:
+                up = hi
+            nlo = tl.where(c >= j, t, nlo)
+            nhi = tl.where(c >= j, up, nhi)
+            cnt = tl.where(c >= j, c, cnt)
+        lo = nlo
+        hi = tl.where(cnt <= band, nlo, nhi)
     return lo.to(tl.int32)
 
 
@@ -627,42 +655,90 @@ def _prep_kernel(
 
 
 @triton.jit
+def _sampled(x_row, base, c: tl.constexpr, V, pen_row, W, T, Y, HAS_PEN: tl.constexpr, FAST: tl.constexpr):
+    """Offset c of each sampled run: (penalised value y before the temperature, valid, key;
+    INT32_MIN where not valid)."""
+    pos = base + c
+    mask = pos < V
+    x = tl.load(x_row + pos, mask=mask, other=float("-inf")).to(tl.float32)
+    # (".cg": this program wrote the table just now, past a barrier)
+    y = _zval(x, pos, mask, pen_row, W, T, Y, HAS_PEN, False, FAST, ".cg")
+    valid = mask & (y == y) & (y > float("-inf"))
+    return y, valid, tl.where(valid, _okey(y), INT32_MIN)
+
+
+@triton.jit
+def _join8(a0, a1, a2, a3, a4, a5, a6, a7):
+    """Eight tensors of one shape as one, [shape, 2, 2, 2] (registers only: no layout change)."""
+    return tl.join(tl.join(tl.join(a0, a1), tl.join(a2, a3)), tl.join(tl.join(a4, a5), tl.join(a6, a7)))
+
+
+@triton.jit
 def _pivot(x_row, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
            HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr):
     """The row's candidate threshold ``theta`` (+inf: no candidates, the row takes the fallback).
 
     The sample is NS values: NS / 8 runs of 8 neighbours spread evenly over the row (whole
-    32-byte sectors), or the whole row when V <= NS. With top-k, theta is the j-th largest
-    sampled value, j = ceil(k * NS / V) + J0: the row then holds about j * V / NS values above
-    theta, at least k of them unless the sample was very unlucky (the finish verifies it).
-    With min-p, max(sample) + log(min_p) (minus rounding slack) is a proven bound, since the
-    sample's max is at most the row's.
+    32-byte sectors), or the whole row when V <= NS. With top-k, theta is a cut near rank
+    j = ceil(k * NS / V) + J0 (between j and j + j/4 + 2 sampled values lie above it): the
+    row then holds about j * V / NS values above theta, at least k of them unless the sample was
+    very unlucky (the finish verifies it). With min-p, max(sample) + log(min_p) (minus rounding
+    slack) is a proven bound, since the sample's max is at most the row's.
+
+    The selection works on the penalised values y before the temperature (rounded division by
+    T > 0 is monotone: only the chosen value is divided), and for a spread sample on the NS / 8
+    run maxima: at least j sampled values lie above the j-th largest run maximum, and more than
+    j only when two of the top j share a run (~j * j * 7 / (2 * NS) extra: 0.2 at j = 14), for
+    an eighth of the counting (bench/NOTES.md, v9).
     """
     greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
     th = tl.full([], float("inf"), tl.float32)
     T = tl.load(temp_ptr + b)
     Y = _recip(T, FAST)
     if trunc:
-        i = tl.arange(0, NS)
-        full = V <= NS
-        spread = ((i >> 3).to(tl.int64) * V // (NS // 8)).to(tl.int32) + (i & 7)
-        pos = tl.where(full, i, spread)
-        mask = pos < V
-        x = tl.load(x_row + pos, mask=mask, other=float("-inf")).to(tl.float32)
-        # (".cg": this program wrote the table just now, past a barrier)
-        z = _zval(x, pos, mask, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST, ".cg")
-        valid = mask & (z == z) & (z > float("-inf"))
-        nvalid = tl.sum(valid.to(tl.int32))
+        # Run starts; offset c of every run is one [NS / 8] tensor (a lane holds whole runs, so
+        # the run maxima are elementwise), joined into one [NS / 8, 2, 2, 2] tensor of the sample.
+        r = tl.arange(0, NS // 8)
+        base = tl.where(V <= NS, r * 8, ((r.to(tl.int64) * V) // (NS // 8)).to(tl.int32))
+        y0, v0, k0 = _sampled(x_row, base, 0, V, pen_row, W, T, Y, HAS_PEN, FAST)
+        y1, v1, k1 = _sampled(x_row, base, 1, V, pen_row, W, T, Y, HAS_PEN, FAST)
+        y2, v2, k2 = _sampled(x_row, base, 2, V, pen_row, W, T, Y, HAS_PEN, FAST)
+        y3, v3, k3 = _sampled(x_row, base, 3, V, pen_row, W, T, Y, HAS_PEN, FAST)
+        y4, v4, k4 = _sampled(x_row, base, 4, V, pen_row, W, T, Y, HAS_PEN, FAST)
+        y5, v5, k5 = _sampled(x_row, base, 5, V, pen_row, W, T, Y, HAS_PEN, FAST)
+        y6, v6, k6 = _sampled(x_row, base, 6, V, pen_row, W, T, Y, HAS_PEN, FAST)
+        y7, v7, k7 = _sampled(x_row, base, 7, V, pen_row, W, T, Y, HAS_PEN, FAST)
+        kr = tl.maximum(tl.maximum(tl.maximum(k0, k1), tl.maximum(k2, k3)),
+                        tl.maximum(tl.maximum(k4, k5), tl.maximum(k6, k7)))
+        vr = kr > INT32_MIN
+        cr = (v0.to(tl.int32) + v1.to(tl.int32) + v2.to(tl.int32) + v3.to(tl.int32) + v4.to(tl.int32)
+              + v5.to(tl.int32) + v6.to(tl.int32) + v7.to(tl.int32))
+        y = _join8(y0, y1, y2, y3, y4, y5, y6, y7)
+        valid = _join8(v0, v1, v2, v3, v4, v5, v6, v7)
+        ky = _join8(k0, k1, k2, k3, k4, k5, k6, k7)
+        counts = tl.sum(cr + tl.where(cr > 0, 65536, 0))
+        nvalid = counts & 65535
+        nruns = counts >> 16
+        hi = tl.max(kr).to(tl.int64)
         ns = tl.minimum(V, NS)
-        kz = _okey(z)
-        ms = tl.max(tl.where(valid, z, float("-inf")))
-        thm = _minp_cut(ms, mp)
         if nvalid > 0:
+            ms = _ofloat(hi.to(tl.int32))
+            if HAS_TEMP:
+                ms = _div(ms, T, Y, FAST)
+            thm = _minp_cut(ms, mp)
             if active_k:
-                j = tl.maximum(tl.minimum((k * ns + V - 1) // V + J0, nvalid), 1)
+                j = tl.maximum(tl.minimum((k * ns + V - 1) // V + J0, nvalid), 1).to(tl.int32)
+                band = j + j // 4 + 2
                 # expected candidates ~ j * V / ns: beyond the slots, skip straight to the fallback
                 if j * (V // ns) <= CAP:
-                    th = _ofloat(_key_near_rank(kz, valid, j.to(tl.int32)))
+                    if (V > NS) & (4 * j <= nruns):
+                        key = _key_search(kr, vr, j, band, tl.min(tl.where(vr, kr, INT32_MAX)).to(tl.int64), hi, 3)
+                    else:
+                        key = _key_search(ky, valid, j, band, tl.min(tl.where(valid, ky, INT32_MAX)).to(tl.int64),
+                                          hi, 2)
+                    th = _ofloat(key)
+                    if HAS_TEMP:
+                        th = _div(th, T, Y, FAST)
                 if (mp > 0.0) & (active_p == 0):
                     # either bound covers top-k + min-p: the higher one leaves fewer candidates
                     th = tl.where(th == float("inf"), thm, tl.maximum(th, thm))
@@ -674,19 +750,25 @@ def _pivot(x_row, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, mi
                 # row's extremes, so its nucleus is relatively wider). The finish checks that
                 # the candidates' mass reaches p of the row's; randn-like rows (sigma 4.3) pass
                 # ~92% of the time (bench/NOTES.md, v6), the rest take the fallback.
+                z = y
+                if HAS_TEMP:
+                    z = _div(y, T, Y, FAST)
+                kz = _okey(z)
                 wz = tl.where(valid, tl.exp(z - ms), 0.0)
                 pw = p * tl.sum(wz)
-                lo = tl.min(tl.where(valid, kz, INT32_MAX)).to(tl.int64)
-                hi = tl.max(tl.where(valid, kz, INT32_MIN)).to(tl.int64)
+                zlo = tl.min(tl.where(valid, kz, INT32_MAX)).to(tl.int64)
+                zhi = tl.max(tl.where(valid, kz, INT32_MIN)).to(tl.int64)
+                lo = zlo
+                up = zhi
                 for _ in range(16):
-                    mid = lo + (hi - lo + 1) // 2
+                    mid = lo + (up - lo + 1) // 2
                     ok = tl.sum(tl.where(valid & (kz >= mid.to(tl.int32)), wz, 0.0)) >= pw
                     lo = tl.where(ok, mid, lo)
-                    hi = tl.where(ok, hi, mid - 1)
+                    up = tl.where(ok, up, mid - 1)
                 c = tl.sum((valid & (kz >= lo.to(tl.int32))).to(tl.int32))
                 j = tl.maximum(tl.minimum(c // 3 + J0 + 2, nvalid), 1)
                 if j * (V // ns) <= CAP:
-                    th = _ofloat(_key_near_rank(kz, valid, j))
+                    th = _ofloat(_key_search(kz, valid, j, j + j // 4 + 2, zlo, zhi, 2))
     tl.store(theta_ptr + b, th)
     # the scan compares the logits before the temperature
     yth = th
@@ -892,18 +974,6 @@ def _wfix(v, m):
 
 
 @triton.jit
-def _kth_bisect(keys, ok, k, lo, hi):
-    """The k-th largest of the ``ok`` keys, given lo <= it <= hi: bisection that stops as soon
-    as exactly k keys are >= mid (that set is then the top k)."""
-    while lo < hi:
-        mid = lo + (hi - lo + 1) // 2
-        c = tl.sum((ok & (keys >= mid.to(tl.int32))).to(tl.int32))
-        lo = tl.where(c >= k, mid, lo)
-        hi = tl.where(c >= k, tl.where(c == k, mid, hi), mid - 1)
-    return lo.to(tl.int32)
-
-
-@triton.jit
 def _compact(v, idx, w, sel, nk, row, cval_ptr, cidx_ptr, cw_ptr):
     """Store the selected lanes at slots nk, nk + 1, ... of the row's lists; returns the new
     count. Callers have read every slot at or after nk that they still need."""
@@ -918,7 +988,7 @@ def _compact(v, idx, w, sel, nk, row, cval_ptr, cidx_ptr, cw_ptr):
 @triton.jit
 def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
                     rowkey_ptr, CAP, NEED_S: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr,
-                    NKP: tl.constexpr):
+                    NKP: tl.constexpr, NCUT: tl.constexpr):
     """Exact top-k / top-p / min-p and the Gumbel-max choice over a row's candidates (every
     z >= theta). Returns (status, token, logprob, tau, lse); status 2 when the candidates do not
     provably hold every survivor (the fallback kernel takes over).
@@ -951,7 +1021,7 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
             kmax = tl.max(tl.where(ok, keys, INT32_MIN))
             kcut = tl.full([], INT32_MIN, tl.int32)
             if kth_ok:
-                kcut = _kth_bisect(keys, ok, k, _okey(th).to(tl.int64), kmax.to(tl.int64))
+                kcut = _key_search(keys, ok, k, k, _okey(th).to(tl.int64), kmax.to(tl.int64), NCUT)
             idx = tl.load(cidx_ptr + row + i, mask=ok, other=0)
             sel = ok & (keys >= kcut)
             nk = _compact(v, idx, w, sel, tl.zeros([], tl.int32), row, cval_ptr, cidx_ptr, cw_ptr)
@@ -1078,13 +1148,15 @@ def _finish_kernel(
     pen_ptr, W, RS,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
-    tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, lsea_ptr, call_ptr,
+    tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, call_ptr,
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
-    CP: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr,
+    CP: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr, NCUT: tl.constexpr,
+    TILE: tl.constexpr,
 ):
-    """One row per program. Rows whose candidates do not cover the survivors get status 2 and
-    are finished by the fallback kernel launched next."""
+    """One row per program. Rows whose candidates do not cover the survivors keep status 2 and
+    take the exact fallback over the full row in the same program (a launch of its own cost
+    ~2 us per call, for rows that almost never exist)."""
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     base = b64 * C
@@ -1117,7 +1189,7 @@ def _finish_kernel(
             if ANY_TRUNC:
                 status, tok, lp, tau, lse = _candidates_row(
                     b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
-                    rowkey_ptr, CAP, NEED_S, FT, FR, NKP)
+                    rowkey_ptr, CAP, NEED_S, FT, FR, NKP, NCUT)
         else:
             if ANY_PLAIN:
                 kc = tl.load(ckey_ptr + base + cc, mask=cc < C, other=float("-inf"))
@@ -1136,13 +1208,18 @@ def _finish_kernel(
                 xt, zt = _load_z(x_row, tok, tok >= 0, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
                 lse = lse_raw
                 lp = xt.to(tl.float64) - lse
+        if ANY_TRUNC:
+            if status == 2:
+                lsea = tl.where(NEED_RAW, lse_raw, lse_all)
+                tok, lp, tau, lse = _fallback_row(
+                    x_row, pen_row, W, T, Y, V, k, p, mp, active_k, active_p, m,
+                    tl.load(rowkey_ptr + b).to(tl.uint32), lsea, lsea, MODE, HAS_PEN, HAS_TEMP, FAST, TILE,
+                )
     tl.store(status_ptr + b, status)
     tl.store(tok_ptr + b, tok.to(tl.int64))
     tl.store(lp_ptr + b, lp.to(tl.float32))
     tl.store(tau_ptr + b, tau)
     tl.store(lse_ptr + b, lse)
-    if ANY_TRUNC:
-        tl.store(lsea_ptr + b, tl.where(NEED_RAW, lse_raw, lse_all))
     if b == 0:
         # The device call counter advances inside the call, so CUDA-graph replays advance it.
         tl.atomic_add(call_ptr, 1)
@@ -1266,35 +1343,6 @@ def _fallback_row(
         lse = lse_raw
         lp = xt.to(tl.float64) - lse
     return tok, lp, tl.min(zmin), lse
-
-
-@triton.jit(do_not_specialize=["C", "RS"])
-def _fallback_kernel(
-    x_ptr, x_stride, V, C,
-    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
-    pen_ptr, W, RS, cm_ptr, status_ptr, lsea_ptr,
-    tok_ptr, lp_ptr, tau_ptr, lse_ptr,
-    MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
-    CP: tl.constexpr, TILE: tl.constexpr,
-):
-    """Grid B: the rows the finish marked with status 2 (every other program returns at once)."""
-    b = tl.program_id(0)
-    if tl.load(status_ptr + b) == 2:
-        b64 = b.to(tl.int64)
-        greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
-        cc = tl.arange(0, CP)
-        m = tl.max(tl.load(cm_ptr + b64 * C + cc, mask=cc < C, other=float("-inf")))
-        T = tl.load(temp_ptr + b)
-        rk = tl.load(rowkey_ptr + b).to(tl.uint32)
-        lsea = tl.load(lsea_ptr + b)
-        tok, lp, tau, lse = _fallback_row(
-            x_ptr + b64 * x_stride, pen_ptr + b64 * RS, W, T, _recip(T, FAST), V, k, p, mp,
-            active_k, active_p, m, rk, lsea, lsea, MODE, HAS_PEN, HAS_TEMP, FAST, TILE,
-        )
-        tl.store(tok_ptr + b, tok.to(tl.int64))
-        tl.store(lp_ptr + b, lp.to(tl.float32))
-        tl.store(tau_ptr + b, tau)
-        tl.store(lse_ptr + b, lse)
 
 
 # ----------------------------------------------------------------------------- top-n
