@@ -74,7 +74,9 @@ def record(scenario: str, rows: int, vocab: int, path: str) -> None:
         kw.update(top_k=np.full(rows, 50), top_p=np.full(rows, 0.9))
     if scenario == "S3":
         kw.update(min_p=np.full(rows, 0.05))
-    if scenario in ("S3", "S4"):
+    if scenario == "S3c":
+        kw.update(top_k=np.full(rows, 50), top_p=np.full(rows, 0.9), min_p=np.full(rows, 0.05))
+    if scenario in ("S3", "S3c", "S4"):
         kw.update(repetition_penalty=np.full(rows, 1.1), frequency_penalty=np.full(rows, 0.2),
                   presence_penalty=np.full(rows, 0.3))
         out = rng.integers(0, vocab, (rows, 512))
@@ -82,8 +84,17 @@ def record(scenario: str, rows: int, vocab: int, path: str) -> None:
                                        output_ids=out)
     if scenario == "S4":
         kw["temperature"] = np.zeros(rows)
+    s = Sampler(backend="triton")
+    prm = SamplingParam.from_numpy(**kw)
+    if scenario == "S3c":
+        # a decode step from the request cache's state (the prefill call fills it; the kernels
+        # do not run, so the decode step's pending tokens are overwritten with valid ids)
+        rids = np.arange(rows)
+        s(x, SamplingData.from_numpy(all_input_ids=data.all_input_ids, output_ids=data.output_ids,
+                                     request_ids=rids, is_prefill=True), prm)
+        data = SamplingData.from_numpy(request_ids=rids, is_prefill=False)
     try:
-        Sampler(backend="triton")(x, data, SamplingParam.from_numpy(**kw))
+        s(x, data, prm)
     except Exception:
         pass  # the recorder does not run the kernels, so outputs are garbage
     with open(path, "w") as f:
@@ -180,7 +191,7 @@ def _hot_loop(sass: str) -> int:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenario", default="S2", choices=["S1", "S2", "S3", "S4"])
+    ap.add_argument("--scenario", default="S2", choices=["S1", "S2", "S3", "S3c", "S4"])
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--dump")

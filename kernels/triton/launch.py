@@ -63,9 +63,6 @@ class Config:
     finish_regs: int = 2048
     finish_pairs: int = 64
     finish_warps: int = 4
-    #: Cuts per step of the finish's search for the k-th largest candidate (pipeline._key_search):
-    #: 1 = bisection, 2 = thirds (fewer block reductions, twice the compares).
-    finish_cuts: int = 2
     #: Tile of the exact fallback, which runs in the finish's program (16 digit bins per
     #: element: keep the tile modest).
     fallback_tile: int = 256
@@ -302,7 +299,7 @@ def run(step):
         tok, lp, ws["status"], ws["tau"], ws["lse"], counter,
         MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
         NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(chunks), FT=cfg.finish_tile, FR=cfg.finish_regs,
-        NKP=cfg.finish_pairs, NCUT=cfg.finish_cuts, TILE=cfg.fallback_tile,
+        NKP=cfg.finish_pairs, TILE=cfg.fallback_tile,
         num_warps=cfg.finish_warps, enable_fp_fusion=False,
     )
     if DEBUG is not None:

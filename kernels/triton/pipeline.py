@@ -553,6 +553,9 @@ def _prep_kernel(
     b64 = b.to(tl.int64)
     tl.store(ncand_ptr + b, 0)
     lanes = tl.arange(0, BL)
+    if PIVOT:
+        # the pivot's sample, loaded first: its DRAM round trip overlaps the penalty table's work
+        spos, smask, sx = _sample(x_ptr + b64 * x_stride, V, NS)
     if HAS_NEW:
         _table_add(rep_ptr + b64 * rep_stride, cnt_ptr + b64 * cnt_stride, pos_ptr + b, tl.load(new_ptr + b), R, V,
                    BL)
@@ -649,39 +652,37 @@ def _prep_kernel(
     if PIVOT:
         if PEN_REP or PEN_OUT:
             tl.debug_barrier()
-        _pivot(x_ptr + b64 * x_stride, pen_ptr + b64 * RS, W, b, V,
+        _pivot(spos, smask, sx, pen_ptr + b64 * RS, W, b, V,
                temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
                PEN_REP or PEN_OUT, HAS_TEMP, FAST, NS, J0)
 
 
 @triton.jit
-def _sampled(x_row, base, c: tl.constexpr, V, pen_row, W, T, Y, HAS_PEN: tl.constexpr, FAST: tl.constexpr):
-    """Offset c of each sampled run: (penalised value y before the temperature, valid, key;
-    INT32_MIN where not valid)."""
-    pos = base + c
+def _sample(x_row, V, NS: tl.constexpr):
+    """The pivot's sample of a row: NS values, NS / 8 runs of 8 neighbours spread evenly over
+    the row (whole 32-byte sectors), or the whole row when V <= NS; (positions, in range,
+    float32 logits: -inf out of range), as [8, NS / 8], column r holding run r.
+
+    The 8 offsets are scaled by (V >> 31) + 1 (= 1, unknown to the compiler) so that Triton
+    cannot prove them contiguous: its coalescing pass would otherwise lay 8 lanes along a run,
+    leaving the run maxima replicated over those lanes (8x the search's work) or converting
+    layouts through shared memory. With 32 lanes x 8 warps along the runs, a thread holds whole
+    runs, the maxima need no shuffles, and each table lookup stage is one batch of loads."""
+    r = tl.arange(0, NS // 8)
+    base = tl.where(V <= NS, r * 8, ((r.to(tl.int64) * V) // (NS // 8)).to(tl.int32))
+    pos = base[None, :] + tl.arange(0, 8)[:, None] * ((V >> 31) + 1)
     mask = pos < V
-    x = tl.load(x_row + pos, mask=mask, other=float("-inf")).to(tl.float32)
-    # (".cg": this program wrote the table just now, past a barrier)
-    y = _zval(x, pos, mask, pen_row, W, T, Y, HAS_PEN, False, FAST, ".cg")
-    valid = mask & (y == y) & (y > float("-inf"))
-    return y, valid, tl.where(valid, _okey(y), INT32_MIN)
+    return pos, mask, tl.load(x_row + pos, mask=mask, other=float("-inf")).to(tl.float32)
 
 
 @triton.jit
-def _join8(a0, a1, a2, a3, a4, a5, a6, a7):
-    """Eight tensors of one shape as one, [shape, 2, 2, 2] (registers only: no layout change)."""
-    return tl.join(tl.join(tl.join(a0, a1), tl.join(a2, a3)), tl.join(tl.join(a4, a5), tl.join(a6, a7)))
-
-
-@triton.jit
-def _pivot(x_row, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
-           HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr):
-    """The row's candidate threshold ``theta`` (+inf: no candidates, the row takes the fallback).
-
-    The sample is NS values: NS / 8 runs of 8 neighbours spread evenly over the row (whole
-    32-byte sectors), or the whole row when V <= NS. With top-k, theta is a cut near rank
-    j = ceil(k * NS / V) + J0 (between j and j + j/4 + 2 sampled values lie above it): the
-    row then holds about j * V / NS values above theta, at least k of them unless the sample was
+def _pivot(pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr,
+           CAP, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr,
+           J0: tl.constexpr):
+    """The row's candidate threshold ``theta`` (+inf: no candidates, the row takes the fallback),
+    from the row's sample (:func:`_sample`: positions, in range, logits). With top-k, theta is
+    a cut near rank j = ceil(k * NS / V) + J0 (between j and j + j/4 + 2 sampled values lie
+    above it): the row then holds about j * V / NS values above theta, at least k of them unless the sample was
     very unlucky (the finish verifies it). With min-p, max(sample) + log(min_p) (minus rounding
     slack) is a proven bound, since the sample's max is at most the row's.
 
@@ -696,26 +697,13 @@ def _pivot(x_row, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, mi
     T = tl.load(temp_ptr + b)
     Y = _recip(T, FAST)
     if trunc:
-        # Run starts; offset c of every run is one [NS / 8] tensor (a lane holds whole runs, so
-        # the run maxima are elementwise), joined into one [NS / 8, 2, 2, 2] tensor of the sample.
-        r = tl.arange(0, NS // 8)
-        base = tl.where(V <= NS, r * 8, ((r.to(tl.int64) * V) // (NS // 8)).to(tl.int32))
-        y0, v0, k0 = _sampled(x_row, base, 0, V, pen_row, W, T, Y, HAS_PEN, FAST)
-        y1, v1, k1 = _sampled(x_row, base, 1, V, pen_row, W, T, Y, HAS_PEN, FAST)
-        y2, v2, k2 = _sampled(x_row, base, 2, V, pen_row, W, T, Y, HAS_PEN, FAST)
-        y3, v3, k3 = _sampled(x_row, base, 3, V, pen_row, W, T, Y, HAS_PEN, FAST)
-        y4, v4, k4 = _sampled(x_row, base, 4, V, pen_row, W, T, Y, HAS_PEN, FAST)
-        y5, v5, k5 = _sampled(x_row, base, 5, V, pen_row, W, T, Y, HAS_PEN, FAST)
-        y6, v6, k6 = _sampled(x_row, base, 6, V, pen_row, W, T, Y, HAS_PEN, FAST)
-        y7, v7, k7 = _sampled(x_row, base, 7, V, pen_row, W, T, Y, HAS_PEN, FAST)
-        kr = tl.maximum(tl.maximum(tl.maximum(k0, k1), tl.maximum(k2, k3)),
-                        tl.maximum(tl.maximum(k4, k5), tl.maximum(k6, k7)))
+        # (".cg": this program wrote the table just now, past a barrier)
+        y = _zval(x, pos, mask, pen_row, W, T, Y, HAS_PEN, False, FAST, ".cg")
+        valid = mask & (y == y) & (y > float("-inf"))
+        ky = tl.where(valid, _okey(y), INT32_MIN)
+        kr = tl.max(ky, axis=0)
         vr = kr > INT32_MIN
-        cr = (v0.to(tl.int32) + v1.to(tl.int32) + v2.to(tl.int32) + v3.to(tl.int32) + v4.to(tl.int32)
-              + v5.to(tl.int32) + v6.to(tl.int32) + v7.to(tl.int32))
-        y = _join8(y0, y1, y2, y3, y4, y5, y6, y7)
-        valid = _join8(v0, v1, v2, v3, v4, v5, v6, v7)
-        ky = _join8(k0, k1, k2, k3, k4, k5, k6, k7)
+        cr = tl.sum(valid.to(tl.int32), axis=0)
         counts = tl.sum(cr + tl.where(cr > 0, 65536, 0))
         nvalid = counts & 65535
         nruns = counts >> 16
@@ -988,7 +976,7 @@ def _compact(v, idx, w, sel, nk, row, cval_ptr, cidx_ptr, cw_ptr):
 @triton.jit
 def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
                     rowkey_ptr, CAP, NEED_S: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr,
-                    NKP: tl.constexpr, NCUT: tl.constexpr):
+                    NKP: tl.constexpr):
     """Exact top-k / top-p / min-p and the Gumbel-max choice over a row's candidates (every
     z >= theta). Returns (status, token, logprob, tau, lse); status 2 when the candidates do not
     provably hold every survivor (the fallback kernel takes over).
@@ -1021,7 +1009,7 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
             kmax = tl.max(tl.where(ok, keys, INT32_MIN))
             kcut = tl.full([], INT32_MIN, tl.int32)
             if kth_ok:
-                kcut = _key_search(keys, ok, k, k, _okey(th).to(tl.int64), kmax.to(tl.int64), NCUT)
+                kcut = _key_search(keys, ok, k, k, _okey(th).to(tl.int64), kmax.to(tl.int64), 1)
             idx = tl.load(cidx_ptr + row + i, mask=ok, other=0)
             sel = ok & (keys >= kcut)
             nk = _compact(v, idx, w, sel, tl.zeros([], tl.int32), row, cval_ptr, cidx_ptr, cw_ptr)
@@ -1151,8 +1139,7 @@ def _finish_kernel(
     tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, call_ptr,
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
-    CP: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr, NCUT: tl.constexpr,
-    TILE: tl.constexpr,
+    CP: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr, TILE: tl.constexpr,
 ):
     """One row per program. Rows whose candidates do not cover the survivors keep status 2 and
     take the exact fallback over the full row in the same program (a launch of its own cost
@@ -1189,7 +1176,7 @@ def _finish_kernel(
             if ANY_TRUNC:
                 status, tok, lp, tau, lse = _candidates_row(
                     b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
-                    rowkey_ptr, CAP, NEED_S, FT, FR, NKP, NCUT)
+                    rowkey_ptr, CAP, NEED_S, FT, FR, NKP)
         else:
             if ANY_PLAIN:
                 kc = tl.load(ckey_ptr + base + cc, mask=cc < C, other=float("-inf"))
