@@ -555,7 +555,7 @@ def _prep_kernel(
     lanes = tl.arange(0, BL)
     if PIVOT:
         # the pivot's sample, loaded first: its DRAM round trip overlaps the penalty table's work
-        spos, smask, sx = _sample(x_ptr + b64 * x_stride, V, NS)
+        sbase, spos, smask, sx = _sample(x_ptr + b64 * x_stride, V, NS)
     if HAS_NEW:
         _table_add(rep_ptr + b64 * rep_stride, cnt_ptr + b64 * cnt_stride, pos_ptr + b, tl.load(new_ptr + b), R, V,
                    BL)
@@ -652,7 +652,7 @@ def _prep_kernel(
     if PIVOT:
         if PEN_REP or PEN_OUT:
             tl.debug_barrier()
-        _pivot(spos, smask, sx, pen_ptr + b64 * RS, W, b, V,
+        _pivot(sbase, spos, smask, sx, pen_ptr + b64 * RS, W, b, V,
                temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
                PEN_REP or PEN_OUT, HAS_TEMP, FAST, NS, J0)
 
@@ -661,7 +661,8 @@ def _prep_kernel(
 def _sample(x_row, V, NS: tl.constexpr):
     """The pivot's sample of a row: NS values, NS / 8 runs of 8 neighbours spread evenly over
     the row (whole 32-byte sectors), or the whole row when V <= NS; (positions, in range,
-    float32 logits: -inf out of range), as [8, NS / 8], column r holding run r.
+    float32 logits: -inf out of range), as [8, NS / 8], column r holding run r; and the runs'
+    first positions.
 
     The 8 offsets are scaled by (V >> 31) + 1 (= 1, unknown to the compiler) so that Triton
     cannot prove them contiguous: its coalescing pass would otherwise lay 8 lanes along a run,
@@ -672,15 +673,15 @@ def _sample(x_row, V, NS: tl.constexpr):
     base = tl.where(V <= NS, r * 8, ((r.to(tl.int64) * V) // (NS // 8)).to(tl.int32))
     pos = base[None, :] + tl.arange(0, 8)[:, None] * ((V >> 31) + 1)
     mask = pos < V
-    return pos, mask, tl.load(x_row + pos, mask=mask, other=float("-inf")).to(tl.float32)
+    return base, pos, mask, tl.load(x_row + pos, mask=mask, other=float("-inf")).to(tl.float32)
 
 
 @triton.jit
-def _pivot(pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr,
+def _pivot(base, pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr,
            CAP, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr,
            J0: tl.constexpr):
     """The row's candidate threshold ``theta`` (+inf: no candidates, the row takes the fallback),
-    from the row's sample (:func:`_sample`: positions, in range, logits). With top-k, theta is
+    from the row's sample (:func:`_sample`: run starts, positions, in range, logits). With top-k, theta is
     a cut near rank j = ceil(k * NS / V) + J0 (between j and j + j/4 + 2 sampled values lie
     above it): the row then holds about j * V / NS values above theta, at least k of them unless the sample was
     very unlucky (the finish verifies it). With min-p, max(sample) + log(min_p) (minus rounding
@@ -697,8 +698,21 @@ def _pivot(pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_
     T = tl.load(temp_ptr + b)
     Y = _recip(T, FAST)
     if trunc:
-        # (".cg": this program wrote the table just now, past a barrier)
-        y = _zval(x, pos, mask, pen_row, W, T, Y, HAS_PEN, False, FAST, ".cg")
+        y = x
+        if HAS_PEN:
+            # A run's 8 tokens share at most two bitmask words: their words and prefixes are
+            # loaded once per run (a warp's load touches 32 runs' sectors; per token it would
+            # be 8 such loads). (".cg": this program wrote the table just now, past a barrier.)
+            in_row = base < V
+            w0 = base >> 5
+            w1 = (tl.minimum(base + 7, V - 1)) >> 5
+            word0, pre0 = _pen_words(pen_row, base, in_row, W, ".cg")
+            word1, pre1 = _pen_words(pen_row, w1 << 5, in_row, W, ".cg")
+            first = (pos >> 5) == w0[None, :]
+            word = tl.where(first, word0[None, :], word1[None, :])
+            pre = tl.where(first, pre0[None, :], pre1[None, :])
+            hit, zp = _pen_value(pen_row, word, pre, pos, mask, W, FAST, ".cg")
+            y = tl.where(hit, zp, x)
         valid = mask & (y == y) & (y > float("-inf"))
         ky = tl.where(valid, _okey(y), INT32_MIN)
         kr = tl.max(ky, axis=0)
@@ -1253,7 +1267,7 @@ def _pick(v, d16, j):
     return tl.sum(tl.where(d16 == j, v, 0), axis=0)
 
 
-@triton.jit
+@triton.jit(noinline=True)
 def _fallback_row(
     x_row, pen_row, W, T, Y, V, k, p, mp, active_k, active_p, m, rk, lse_all, lse_raw,
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, TILE: tl.constexpr,
