@@ -56,7 +56,7 @@ def record(scenario: str, rows: int, vocab: int, path: str) -> None:
                                                        and a % 16 == 0):
                         sig.setdefault("__div16", []).append(p.name)
                 for k, v in kwargs.items():
-                    if k in ("num_warps", "enable_fp_fusion", "num_stages", "maxnreg"):
+                    if k in ("num_warps", "enable_fp_fusion", "num_stages", "maxnreg", "launch_pdl"):
                         consts["__opt_" + k] = v
                     else:
                         consts[k] = v
@@ -134,7 +134,11 @@ def compile_all(path: str, dump: str | None) -> None:
         consts = {k: v for k, v in rec["consts"].items() if not k.startswith("__opt_")}
         if "FAST" in consts:
             consts["FAST"] = True  # the recording ran on the CPU; the GPU takes the fast paths
+        if "PDL" in consts:
+            consts["PDL"] = True  # (and programmatic dependent launch)
         opts = {k[6:]: v for k, v in rec["consts"].items() if k.startswith("__opt_")}
+        if "PDL" in consts:
+            opts["launch_pdl"] = True
         sig = dict(rec["sig"])
         div16 = sig.pop("__div16", [])
         nospec = {fn.arg_names[i] if isinstance(i, int) else i for i in (fn.do_not_specialize or [])}

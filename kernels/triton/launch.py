@@ -70,6 +70,9 @@ class Config:
     #: (1024 / 8: S3 prep 68 -> 62 us at B = 256, v7).
     prep_block: int = 1024
     prep_warps: int = 8
+    #: Launch prep, scan and finish with programmatic dependent launch where the GPU (sm_90+)
+    #: and Triton support it: each waits for the one before at entry, but is launched early.
+    pdl: int = 1
 
 
 GPU_CONFIG = Config()
@@ -120,6 +123,15 @@ def _chunking(rows: int, vocab: int, cfg: Config, nprog: int):
 
 def _scan_regs(cfg: Config) -> int:
     return min(255, 65536 // (cfg.programs_per_sm * 32 * cfg.scan_warps)) // 8 * 8
+
+
+def _pdl(device, cfg: Config) -> bool:
+    """Programmatic dependent launch for this call's kernels (pipeline._gdc)."""
+    if not cfg.pdl or device.type != "cuda" or interpreting():
+        return False
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return torch.cuda.get_device_capability(device)[0] >= 9 and "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 
 def _sms(device) -> int:
@@ -229,6 +241,7 @@ def run(step):
         ((host["temperature"] >= 2.0**-20) & (host["temperature"] <= 2.0**20)).all()
     )
     nprog = cfg.programs_per_sm * _sms(dev)
+    pdl = _pdl(dev, cfg)
     chunks, chunk_len = _chunking(rows, vocab, cfg, nprog)
     nitems = rows * chunks
     nprog = min(nitems, nprog)
@@ -273,7 +286,7 @@ def run(step):
             **hflags,
             PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
             BL=cfg.prep_block, BW=16 if interpreting() else 1024,
-            num_warps=cfg.prep_warps, enable_fp_fusion=False,
+            PDL=pdl, launch_pdl=pdl, num_warps=cfg.prep_warps, enable_fp_fusion=False,
         )
     K._scan_kernel[(nprog,)](
         x, x.stride(0), vocab, chunk_len, chunks, rows, nitems,
@@ -284,7 +297,7 @@ def run(step):
         PREP=prep, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
         NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen,
-        D=cfg.emit_depth, num_warps=cfg.scan_warps, enable_fp_fusion=False,
+        D=cfg.emit_depth, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
         # every persistent program must be resident at once: cap the registers so that
         # programs_per_sm of them fit in the SM's 64K (a 16th program left over to a second
         # wave doubled S3's scan: bench/NOTES.md, v7)
@@ -300,7 +313,7 @@ def run(step):
         MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
         NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(chunks), FT=cfg.finish_tile, FR=cfg.finish_regs,
         NKP=cfg.finish_pairs, TILE=cfg.fallback_tile,
-        num_warps=cfg.finish_warps, enable_fp_fusion=False,
+        PDL=pdl, launch_pdl=pdl, num_warps=cfg.finish_warps, enable_fp_fusion=False,
     )
     if DEBUG is not None:
         DEBUG["status"] = ws["status"].clone()

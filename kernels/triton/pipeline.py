@@ -57,6 +57,17 @@ KEY_NEG_INF = tl.constexpr(-2139095041)
 
 
 @triton.jit
+def _gdc(PDL: tl.constexpr):
+    """Kernel entry under programmatic dependent launch (PDL, sm_90+): wait until the previous
+    kernel in the stream has completed and its writes are visible (before this program touches
+    any memory), then let the next kernel launch: its programs start as soon as every program
+    here has started, which hides the launch gap between the pipeline's kernels."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _okey(z):
     """float32 -> int32 key with the same order (-0.0 folded onto +0.0, as comparisons do)."""
     b = z.to(tl.int32, bitcast=True)
@@ -547,8 +558,9 @@ def _prep_kernel(
     HAS_REP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
     PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, HAS_NEW: tl.constexpr, PIVOT: tl.constexpr,
     HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr,
-    BL: tl.constexpr, BW: tl.constexpr,
+    BL: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr,
 ):
+    _gdc(PDL)
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     tl.store(ncand_ptr + b, 0)
@@ -794,6 +806,7 @@ def _scan_kernel(
     HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr,
     NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, PF: tl.constexpr, D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Persistent: program p takes work items p, p + P, ... (item w is chunk w // B of row
     w % B).
@@ -804,6 +817,7 @@ def _scan_kernel(
     element; only the candidates and the chunk max are divided (exactly) when the item ends.
     The log-sum-exp and the Gumbel keys use z ~ y * (1/T) (within an ulp; they are
     approximations anyway, and the finish recomputes the chosen token's z exactly)."""
+    _gdc(PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, TILE)
@@ -1154,10 +1168,12 @@ def _finish_kernel(
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
     CP: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr, TILE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One row per program. Rows whose candidates do not cover the survivors keep status 2 and
     take the exact fallback over the full row in the same program (a launch of its own cost
     ~2 us per call, for rows that almost never exist)."""
+    _gdc(PDL)
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     base = b64 * C
