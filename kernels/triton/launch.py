@@ -71,7 +71,8 @@ class Config:
     prep_block: int = 1024
     prep_warps: int = 8
     #: Launch prep, scan and finish with programmatic dependent launch where the GPU (sm_90+)
-    #: and Triton support it: each waits for the one before at entry, but is launched early.
+    #: and Triton support it: each waits for the one before at entry, and is launched as soon
+    #: as every program of the one before has reached its end (pipeline._gdc_wait / _gdc_done).
     pdl: int = 1
 
 
