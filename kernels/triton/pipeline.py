@@ -1,14 +1,16 @@
 """Fused Triton kernels for the whole sampling pipeline of :mod:`sampling.kernels.reference`.
 
 A call is a fixed sequence of launches whose grids depend only on ``B``, ``V`` and host-side
-flags, with no device-to-host synchronisation, so it can be captured in a CUDA graph:
+flags, with no device-to-host synchronisation, so it can be captured in a CUDA graph (on sm_90+
+chained by programmatic dependent launch: :func:`_gdc_wait`, :func:`_gdc_done`):
 
 ``prep`` (grid B; only with penalties or truncated rows, otherwise the scan derives the keys)
     Stream position and key of each row; a compact penalty table built from the history ids in
     O(B*(V/32 + L)): a bitmask of penalised tokens, the prefix of its words' set bits, and the
-    penalised values at each token's rank among them; for truncated rows a *pivot* ``theta``: a guess of a lower bound of the truncation threshold,
-    from a strided sample of the row (the j-th largest of ~4096 sampled values, j chosen so the
-    row holds a few hundred values above it), and for min-p rows the proven bound
+    penalised values at each token's rank among them; for truncated rows a *pivot* ``theta``: a
+    guess of a lower bound of the truncation threshold, from a strided sample of the row (4096
+    values in runs of 8: a cut near the j-th largest run maximum, j chosen so the row holds a
+    few hundred values above it), and for min-p rows the proven bound
     ``max(sample) + log(min_p)``.
 ``scan`` (persistent, one warp per program; the one read of the logits)
     Work items are (row, chunk). Each computes the penalised values ``y`` (z = y / T) once:
@@ -1016,7 +1018,7 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
                     NKP: tl.constexpr):
     """Exact top-k / top-p / min-p and the Gumbel-max choice over a row's candidates (every
     z >= theta). Returns (status, token, logprob, tau, lse); status 2 when the candidates do not
-    provably hold every survivor (the fallback kernel takes over).
+    provably hold every survivor (the finish then runs the exact fallback on the row).
 
     Up to FR candidates are held in registers (the k-th value by a bisection that stops once
     exactly k keys are above it), more are read in chunks of FT slots. The top-k survivors are
