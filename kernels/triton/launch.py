@@ -7,6 +7,7 @@ for the one synchronising check).
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -79,7 +80,8 @@ class Config:
 GPU_CONFIG = Config()
 #: Small shapes under TRITON_INTERPRET=1, so that CPU tests visit every code path.
 INTERPRET_CONFIG = Config(tile=32, prep_block=16, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64,
-                          programs_per_sm=2, min_chunk_tiles=1, emit_depth=4, finish_tile=16, finish_regs=32, finish_pairs=8, fallback_tile=32)
+                          programs_per_sm=2, min_chunk_tiles=1, emit_depth=4, finish_tile=16, finish_regs=32,
+                          finish_pairs=8, fallback_tile=32)
 
 _override: Optional[Config] = None
 #: Tests set this to a dict to receive a copy of each row's status after the call
@@ -127,12 +129,18 @@ def _scan_regs(cfg: Config) -> int:
 
 
 def _pdl(device, cfg: Config) -> bool:
-    """Programmatic dependent launch for this call's kernels (pipeline._gdc)."""
+    """Programmatic dependent launch for this call's kernels (pipeline._gdc_wait, _gdc_done)."""
     if not cfg.pdl or device.type != "cuda" or interpreting():
         return False
+    return _pdl_supported(torch.cuda.get_device_capability(device)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(major: int) -> bool:
+    """sm_90+ and a Triton whose launcher takes ``launch_pdl`` (3.4 and later)."""
     from triton.backends.nvidia.compiler import CUDAOptions
 
-    return torch.cuda.get_device_capability(device)[0] >= 9 and "launch_pdl" in CUDAOptions.__dataclass_fields__
+    return major >= 9 and "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 
 def _sms(device) -> int:

@@ -682,9 +682,9 @@ def _prep_kernel(
 @triton.jit
 def _sample(x_row, V, NS: tl.constexpr):
     """The pivot's sample of a row: NS values, NS / 8 runs of 8 neighbours spread evenly over
-    the row (whole 32-byte sectors), or the whole row when V <= NS; (positions, in range,
-    float32 logits: -inf out of range), as [8, NS / 8], column r holding run r; and the runs'
-    first positions.
+    the row (whole 32-byte sectors), or the whole row when V <= NS. Returns the runs' first
+    positions [NS / 8], and as [8, NS / 8] (column r holding run r) the positions, whether they
+    are in the row, and the float32 logits (-inf outside).
 
     The 8 offsets are scaled by (V >> 31) + 1 (= 1, unknown to the compiler) so that Triton
     cannot prove them contiguous: its coalescing pass would otherwise lay 8 lanes along a run,
@@ -699,15 +699,17 @@ def _sample(x_row, V, NS: tl.constexpr):
 
 
 @triton.jit
-def _pivot(base, pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr,
-           CAP, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr,
+def _pivot(base, pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr,
+           ythr_ptr, CAP, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr,
            J0: tl.constexpr):
     """The row's candidate threshold ``theta`` (+inf: no candidates, the row takes the fallback),
-    from the row's sample (:func:`_sample`: run starts, positions, in range, logits). With top-k, theta is
-    a cut near rank j = ceil(k * NS / V) + J0 (between j and j + j/4 + 2 sampled values lie
-    above it): the row then holds about j * V / NS values above theta, at least k of them unless the sample was
-    very unlucky (the finish verifies it). With min-p, max(sample) + log(min_p) (minus rounding
-    slack) is a proven bound, since the sample's max is at most the row's.
+    from the row's sample (:func:`_sample`: run starts, positions, in range, logits).
+
+    With top-k, theta is a cut near rank j = ceil(k * NS / V) + J0 (between j and j + j/4 + 2
+    sampled values lie above it): the row then holds about j * V / NS values above theta, at
+    least k of them unless the sample was very unlucky (the finish verifies it). With min-p,
+    max(sample) + log(min_p) (minus rounding slack) is a proven bound, since the sample's max is
+    at most the row's.
 
     The selection works on the penalised values y before the temperature (rounded division by
     T > 0 is monotone: only the chosen value is divided), and for a spread sample on the NS / 8
