@@ -815,7 +815,6 @@ def _emit(vp, ip, v, i, keep, ASM: tl.constexpr):
     (~60% of S2's tiles). Inline PTX stores are elementwise: no layout change (ASM, on the
     GPU; tl.store elsewhere)."""
     if ASM:
-        # (addresses as int64: Triton 3.6 rejects pointer operands of two element types here)
         tl.inline_asm_elementwise(
             """{
             .reg .pred p;
@@ -824,8 +823,7 @@ def _emit(vp, ip, v, i, keep, ASM: tl.constexpr):
             @p st.global.b32 [$2], $4;
             mov.b32 $0, 0;
             }""",
-            "=r,l,l,f,r,r", [vp.to(tl.int64), ip.to(tl.int64), v, i, keep.to(tl.int32)], dtype=tl.int32,
-            is_pure=False, pack=1)
+            "=r,l,l,f,r,r", [vp, ip, v, i, keep.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.store(vp, v, mask=keep)
         tl.store(ip, i, mask=keep)
