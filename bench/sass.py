@@ -136,8 +136,6 @@ def compile_all(path: str, dump: str | None) -> None:
             consts["FAST"] = True  # the recording ran on the CPU; the GPU takes the fast paths
         if "PDL" in consts:
             consts["PDL"] = True  # (and programmatic dependent launch)
-        if "ASM" in consts:
-            consts["ASM"] = True  # (and inline PTX)
         opts = {k[6:]: v for k, v in rec["consts"].items() if k.startswith("__opt_")}
         if "PDL" in consts:
             opts["launch_pdl"] = True

@@ -306,8 +306,7 @@ def run(step):
         PREP=prep, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
         NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen,
-        D=cfg.emit_depth, PDL=pdl, ASM=dev.type == "cuda", launch_pdl=pdl, num_warps=cfg.scan_warps,
-        enable_fp_fusion=False,
+        D=cfg.emit_depth, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
         # every persistent program must be resident at once: cap the registers so that
         # programs_per_sm of them fit in the SM's 64K (a 16th program left over to a second
         # wave doubled S3's scan: bench/NOTES.md, v7)

@@ -806,29 +806,6 @@ def _pivot(base, pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr,
 # ----------------------------------------------------------------------------- scan
 
 
-@triton.jit
-def _emit(vp, ip, v, i, keep, ASM: tl.constexpr):
-    """Masked scalar stores *vp = v, *ip = i where keep, in the layout of the operands. The
-    candidate slots are scattered (one counter per tile position), so tl.store's coalescing
-    pass gives them a layout of one element per lane, and converting the tile's 4-element
-    vectors to it went through shared memory, with three barriers, in every tile that emits
-    (~60% of S2's tiles). Inline PTX stores are elementwise: no layout change (ASM, on the
-    GPU; tl.store elsewhere)."""
-    if ASM:
-        tl.inline_asm_elementwise(
-            """{
-            .reg .pred p;
-            setp.ne.s32 p, $5, 0;
-            @p st.global.f32 [$1], $3;
-            @p st.global.b32 [$2], $4;
-            mov.b32 $0, 0;
-            }""",
-            "=r,l,l,f,r,r", [vp, ip, v, i, keep.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.store(vp, v, mask=keep)
-        tl.store(ip, i, mask=keep)
-
-
 @triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr", "B", "NITEMS", "C"] + _HIST[3:])
 def _scan_kernel(
     x_ptr, x_stride, V, CH, C, B, NITEMS,
@@ -841,7 +818,7 @@ def _scan_kernel(
     HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr,
     NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, PF: tl.constexpr, D: tl.constexpr,
-    PDL: tl.constexpr, ASM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Persistent: program p takes work items p, p + P, ... (item w is chunk w // B of row
     w % B).
@@ -953,7 +930,8 @@ def _scan_kernel(
                 if tl.max(sel.to(tl.int32)) > 0:
                     slot = pbase + ccnt * TILE + lanes
                     keep = sel & (ccnt < D)
-                    _emit(pv_ptr + slot, pi_ptr + slot, y, offs, keep, ASM)
+                    tl.store(pv_ptr + slot, y, mask=keep)
+                    tl.store(pi_ptr + slot, offs, mask=keep)
                     ccnt += sel.to(tl.int32)
             if ANY_PLAIN:
                 key = y  # greedy rows have T = 1
