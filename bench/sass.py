@@ -7,6 +7,11 @@ arguments, then compiles the same launches with Triton's ahead-of-time path for 
 (GPUTarget cuda 90) and prints per kernel: registers, spills, shared memory, and the SASS
 instruction count of the whole kernel and of its hottest loop (the largest basic block that
 branches backwards). Catches compile errors and register spills before any device time.
+
+The device runs Triton 3.6, which rejects some code that later versions accept (a constexpr str
+default, pointer operands of two element types in inline asm: bench/NOTES.md v8, v9) and lays
+out some tensors differently: compile with that version too, e.g. after
+``pip install --no-deps --target /tmp/t36 triton==3.6.0``, as ``PYTHONPATH=/tmp/t36 python bench/sass.py``.
 """
 
 from __future__ import annotations
