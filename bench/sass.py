@@ -1,6 +1,6 @@
 """Compile the Triton pipeline's kernels for sm_90 on a machine without a GPU, and count.
 
-    python bench/sass.py [--scenario S2] [--rows 256] [--vocab 151936] [--dump DIR]
+    python bench/sass.py [--scenario S2] [--rows 256] [--vocab 151936] [--dump DIR]   (DIR: SASS, PTX, TTGIR)
 
 Runs one sampler call under TRITON_INTERPRET=1 (in a subprocess) to record each launch's
 arguments, then compiles the same launches with Triton's ahead-of-time path for an H100
@@ -166,6 +166,7 @@ def compile_all(path: str, dump: str | None) -> None:
             os.makedirs(dump, exist_ok=True)
             open(os.path.join(dump, name + ".sass"), "w").write(sass)
             open(os.path.join(dump, name + ".ptx"), "w").write(ck.asm["ptx"])
+            open(os.path.join(dump, name + ".ttgir"), "w").write(ck.asm["ttgir"])
 
 
 def _sass(ck) -> str:
