@@ -728,11 +728,9 @@ def _pivot(base, pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr,
             # loaded once per run (a warp's load touches 32 runs' sectors; per token it would
             # be 8 such loads). (".cg": this program wrote the table just now, past a barrier.)
             in_row = base < V
-            w0 = base >> 5
-            w1 = (tl.minimum(base + 7, V - 1)) >> 5
             word0, pre0 = _pen_words(pen_row, base, in_row, W, ".cg")
-            word1, pre1 = _pen_words(pen_row, w1 << 5, in_row, W, ".cg")
-            first = (pos >> 5) == w0[None, :]
+            word1, pre1 = _pen_words(pen_row, tl.minimum(base + 7, V - 1), in_row, W, ".cg")
+            first = (pos >> 5) == (base >> 5)[None, :]
             word = tl.where(first, word0[None, :], word1[None, :])
             pre = tl.where(first, pre0[None, :], pre1[None, :])
             hit, zp = _pen_value(pen_row, word, pre, pos, mask, W, FAST, ".cg")
@@ -1240,10 +1238,9 @@ def _finish_kernel(
                 lp = xt.to(tl.float64) - lse
         if ANY_TRUNC:
             if status == 2:
-                lsea = tl.where(NEED_RAW, lse_raw, lse_all)
                 tok, lp, tau, lse = _fallback_row(
                     x_row, pen_row, W, T, Y, V, k, p, mp, active_k, active_p, m,
-                    tl.load(rowkey_ptr + b).to(tl.uint32), lsea, lsea, MODE, HAS_PEN, HAS_TEMP, FAST, TILE,
+                    tl.load(rowkey_ptr + b).to(tl.uint32), lse_all, lse_raw, MODE, HAS_PEN, HAS_TEMP, FAST, TILE,
                 )
     tl.store(status_ptr + b, status)
     tl.store(tok_ptr + b, tok.to(tl.int64))
