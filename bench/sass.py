@@ -30,10 +30,10 @@ KERNELS = ["_prep_kernel", "_scan_kernel", "_finish_kernel"]
 
 def record(scenario: str, rows: int, vocab: int, path: str) -> None:
     """(interpreter process) One call; write each kernel launch's argument types and values."""
-    import numpy as np
     import torch
+    from bench_gpu import sampler_call, scenario_inputs  # (bench/ is the script's directory)
 
-    from sampling import Sampler, SamplingData, SamplingParam
+    from sampling import Sampler
     from sampling.kernels.triton import launch
     from sampling.kernels.triton import pipeline as K
 
@@ -71,35 +71,11 @@ def record(scenario: str, rows: int, vocab: int, path: str) -> None:
 
     for name in KERNELS:
         setattr(K, name, Rec(name, getattr(K, name)))
-    rng = np.random.default_rng(0)
-    x = torch.randn(rows, vocab)
-    kw = dict(temperature=np.full(rows, 0.7), seed=np.arange(rows))
-    data = None
-    if scenario in ("S2", "S3"):
-        kw.update(top_k=np.full(rows, 50), top_p=np.full(rows, 0.9))
-    if scenario == "S3":
-        kw.update(min_p=np.full(rows, 0.05))
-    if scenario == "S3c":
-        kw.update(top_k=np.full(rows, 50), top_p=np.full(rows, 0.9), min_p=np.full(rows, 0.05))
-    if scenario in ("S3", "S3c", "S4"):
-        kw.update(repetition_penalty=np.full(rows, 1.1), frequency_penalty=np.full(rows, 0.2),
-                  presence_penalty=np.full(rows, 0.3))
-        out = rng.integers(0, vocab, (rows, 512))
-        data = SamplingData.from_numpy(all_input_ids=np.concatenate([rng.integers(0, vocab, (rows, 1024)), out], 1),
-                                       output_ids=out)
-    if scenario == "S4":
-        kw["temperature"] = np.zeros(rows)
-    s = Sampler(backend="triton")
-    prm = SamplingParam.from_numpy(**kw)
-    if scenario == "S3c":
-        # a decode step from the request cache's state (the prefill call fills it; the kernels
-        # do not run, so the decode step's pending tokens are overwritten with valid ids)
-        rids = np.arange(rows)
-        s(x, SamplingData.from_numpy(all_input_ids=data.all_input_ids, output_ids=data.output_ids,
-                                     request_ids=rids, is_prefill=True), prm)
-        data = SamplingData.from_numpy(request_ids=rids, is_prefill=False)
+    # the benchmark's inputs and call (bench_gpu; S3c prefills the cache, then records a decode step)
+    fn = sampler_call(Sampler, "triton", scenario, scenario_inputs(rows, vocab, torch.as_tensor),
+                      [torch.randn(rows, vocab)])
     try:
-        s(x, data, prm)
+        fn(0)
     except Exception:
         pass  # the recorder does not run the kernels, so outputs are garbage
     with open(path, "w") as f:
