@@ -393,28 +393,32 @@ def test_growing_histories_and_batch_sizes_compile_no_new_kernel_variants():
     assert _compiled_variants() == before
 
 
-def test_prefetched_penalty_lookups_are_bit_identical():
-    """The prefetching scan (the default) against the in-loop lookups, and each call repeated."""
-    from sampling.kernels.triton import launch
-
-    rows = 8 if SMALL else 64
-    rng = np.random.default_rng(11)
-    x = randn_logits(rows, seed=11)
-    out = rng.integers(0, V, (rows, 512))
-    ids = np.concatenate([rng.integers(-5, V + 5, (rows, 1024)), out], axis=1)
-    data = SamplingData.from_numpy(all_input_ids=ids, output_ids=out, to_tensor=cuda)
-    param = SamplingParam.from_numpy(temperature=np.full(rows, 0.7), top_k=np.full(rows, 50), top_p=np.full(rows, 0.9),
-                                     min_p=np.full(rows, 0.05), repetition_penalty=np.full(rows, 1.1),
-                                     frequency_penalty=np.full(rows, 0.2), presence_penalty=np.full(rows, 0.3),
-                                     seed=np.arange(rows), to_tensor=cuda)
-    with launch.use_config(pen_prefetch=0):
-        plain = Sampler(backend="triton", seed=1, logprobs_mode="processed")(x, data, param)
-    with launch.use_config(pen_prefetch=1):
-        pre = Sampler(backend="triton", seed=1, logprobs_mode="processed")(x, data, param)
-    assert torch.equal(plain[1], pre[1])
-    assert torch.equal(plain[0], pre[0])
-    again = Sampler(backend="triton", seed=1, logprobs_mode="processed")(x, data, param)
-    assert torch.equal(again[0], pre[0]) and torch.equal(again[1], pre[1])
+def test_penalised_top_tokens_come_from_their_own_chunk_and_agree_with_numpy():
+    """The scan masks penalised tokens in its chunks and adds them as a chunk of their own. With the
+    histories' tokens lifted to the top of each row (1024 + 512 ids, mild penalties), the
+    winners, maxima and candidates come from that chunk: S1-, S2-, S3- and greedy rows against
+    numpy."""
+    rows = 8 if SMALL else 128
+    data = history(rows, seed=12)
+    xt = randn_logits(rows, seed=12)
+    lift = torch.zeros_like(xt)
+    # +12: at T = 1 the unlifted tokens hold ~150000 / (1500 e**12) ~ 6e-4 of a row's mass
+    lift.scatter_(1, cuda(data.all_input_ids), 12.0)
+    xt = xt + lift
+    x = xt.cpu().numpy()
+    rng = np.random.default_rng(12)
+    param = SamplingParam.from_numpy(
+        temperature=rng.choice([0.0, 0.7, 1.0], rows), top_k=rng.choice([0, 50], rows),
+        top_p=rng.choice([1.0, 0.9], rows), min_p=rng.choice([0.0, 0.05], rows),
+        repetition_penalty=np.full(rows, 1.05), frequency_penalty=np.full(rows, 0.05),
+        presence_penalty=np.full(rows, 0.02), seed=rng.integers(0, 2**62, rows),
+    )
+    ours = Sampler(backend="triton", logprobs_mode="processed")(xt, data, param)
+    ref = ref_sample(x, param, data, mode="processed")
+    check_agreement(x, param, ours, ref, data)
+    hist = data.all_input_ids
+    tok = ours[1].cpu().numpy()
+    assert all(tok[b] in set(hist[b].tolist()) for b in range(rows))
 
 
 def test_cached_decode_steps_are_bit_identical_to_the_stateless_path():

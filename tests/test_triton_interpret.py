@@ -336,6 +336,48 @@ def test_penalties_with_padding_garbage_and_counts():
         assert_same(ours, ref, n=2)
 
 
+@pytest.mark.parametrize("programs_per_sm", [2, 128])
+def test_penalised_tokens_decide_the_row_from_their_own_chunk(programs_per_sm):
+    # The scan masks penalised tokens in its chunks and adds them as one more chunk
+    # (pipeline._pen_chunk). Here they hold the row's top values (a mild penalty keeps them
+    # there), so the max, the log-sum-exp, the greedy / Gumbel winner and most candidates come
+    # from that chunk; row 5 penalises every token (each scan chunk fully masked), row 6 has
+    # its only high value on an unpenalised token next to penalised ones.
+    rows, vocab = 7, 150
+    rng = np.random.default_rng(21)
+    x = logits(rows, vocab, seed=21)
+    hot = rng.choice(vocab, (rows, 12), replace=True)
+    for b in range(rows):
+        x[b, hot[b]] += 9.0
+    hot[6] = np.arange(40, 52)
+    x[6, 39] = 30.0
+    rep = np.full((rows, vocab), -1)
+    rep[:, :32] = np.concatenate([hot, rng.integers(0, vocab, (rows, 20))], axis=1)
+    rep[5] = np.arange(vocab)
+    out = hot[:, :5].copy()
+    data = SamplingData.from_numpy(all_input_ids=rep, output_ids=out)
+    param = SamplingParam.from_numpy(
+        repetition_penalty=np.full(rows, 1.05), frequency_penalty=np.full(rows, 0.05),
+        presence_penalty=np.full(rows, 0.02), temperature=np.array([0.0, 0.8, 0.8, 0.8, 0.8, 0.8, 0.9]),
+        top_k=np.array([0, 0, 6, 0, 0, 4, 3]), top_p=np.array([1.0, 1.0, 1.0, 0.8, 1.0, 0.9, 1.0]),
+        min_p=np.array([0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.0]), seed=np.arange(rows) + 3,
+    )
+    # 2 programs per SM: one item per row takes all of its table's slots (a loop of tiles);
+    # 128: four items per row split them (the launch's choice at small batches), one empty
+    with _launch().use_config(programs_per_sm=programs_per_sm):
+        for mode in ("sampling", "processed", "raw"):
+            ours, ref = run_both(x, param, data, mode=mode, n=3)
+            assert_same(ours, ref, n=3)
+    # the winners are penalised tokens in rows 0-4 and the unpenalised 39 in row 6
+    tok = ours[1].numpy()
+    assert all(tok[b] in set(hot[b].tolist()) for b in range(5)) and tok[6] == 39
+    # a NaN on a penalised token (masked in the scan) still makes its row invalid
+    x[1, hot[1, 0]] = np.nan
+    out_nan = Sampler(backend="triton", check_logits=False)(torch.from_numpy(x), data, param)
+    assert out_nan[1].numpy()[1] == -1 and np.isnan(out_nan[0].numpy()[1])
+    assert (out_nan[1].numpy()[[0, 2, 3, 4, 5, 6]] >= 0).all()
+
+
 @pytest.mark.parametrize("sample", [64, 256])
 def test_prefetched_penalty_lookups_match_reference(sample):
     # the scan's pipelined bitmask / penalised-value loads (two and one tiles ahead) must see
@@ -353,7 +395,7 @@ def test_prefetched_penalty_lookups_match_reference(sample):
         top_k=np.array([20, 0, 0]), seed=np.array([3, 4, 5]),
     )
     # the pivot reads penalised values that the same prep program wrote just before
-    with _launch().use_config(pen_prefetch=1, sample=sample):
+    with _launch().use_config(sample=sample):
         ours, ref = run_both(x, param, data, mode="processed", n=3)
     assert_same(ours, ref, n=3)
 

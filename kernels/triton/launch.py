@@ -50,9 +50,6 @@ class Config:
     programs_per_sm: int = 16
     #: A chunk spans >= min_chunk_tiles tiles.
     min_chunk_tiles: int = 4
-    #: Scan: penalty bitmask words loaded two tiles ahead and penalised values one tile ahead
-    #: (bench/NOTES.md, v4; S4 163 vs 193 us at B = 256). 0 = the lookups inside the loop step.
-    pen_prefetch: int = 1
     #: The finish (one program per row): up to finish_regs candidates held in registers, more
     #: read finish_tile slots at a time; top-p over <= finish_pairs top-k survivors compares
     #: all pairs instead of bisecting. 4 warps: 9.8 us at B = 1 against 17.8 us with one warp,
@@ -124,8 +121,9 @@ def _chunking(rows: int, vocab: int, cfg: Config, nprog: int):
     return triton.cdiv(vocab, length), length
 
 
-def _scan_regs(cfg: Config) -> int:
-    return min(255, 65536 // (cfg.programs_per_sm * 32 * cfg.scan_warps)) // 8 * 8
+def _regs(warps_per_sm: int) -> int:
+    """Registers per thread that let ``warps_per_sm`` warps share an SM's 64K."""
+    return min(255, 65536 // (32 * warps_per_sm)) // 8 * 8
 
 
 def _pdl(device, cfg: Config) -> bool:
@@ -149,13 +147,14 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _workspace(state: Dict[str, Any], device, rows: int, chunks: int, cfg: Config, trunc: bool):
-    """Per-shape scratch buffers, kept in the sampler's state so graph replays reuse them."""
-    key = ("ws", device, rows, chunks, cfg.cap, cfg.tile * cfg.emit_depth, trunc)
+def _workspace(state: Dict[str, Any], device, rows: int, chunks: int, stats: int, cfg: Config, trunc: bool):
+    """Per-shape scratch buffers, kept in the sampler's state so graph replays reuse them
+    (``stats`` per-chunk statistics per row: the scan's chunks, then its penalised-token items)."""
+    key = ("ws", device, rows, chunks, stats, cfg.cap, cfg.tile * cfg.emit_depth, trunc)
     ws = state.get(key)
     if ws is None:
-        n = rows * chunks
-        slots = n * cfg.tile * cfg.emit_depth if trunc else 1
+        n = rows * stats
+        slots = rows * chunks * cfg.tile * cfg.emit_depth if trunc else 1
         cands = rows * cfg.cap if trunc else 1
 
         def e(size, dtype):
@@ -252,18 +251,26 @@ def run(step):
     nprog = cfg.programs_per_sm * _sms(dev)
     pdl = _pdl(dev, cfg)
     chunks, chunk_len = _chunking(rows, vocab, cfg, nprog)
-    nitems = rows * chunks
+    # With penalties the scan's chunks mask the penalised tokens, and pen_items more items per row
+    # take the penalty table's slots (pipeline._pen_chunk): up to 8 at small batches, where
+    # their latency matters, 1 from 128 rows on. A function of the batch size alone, like the
+    # chunks: a growing history changes no workspace shape and no kernel variant.
+    slots = (R if table else R + O) if pen else 0
+    pen_items = max(1, min(8, nprog // rows // 16)) if pen else 0
+    span = triton.cdiv(triton.cdiv(slots, max(pen_items, 1)), cfg.tile) * cfg.tile
+    nitems = rows * (chunks + pen_items)
     nprog = min(nitems, nprog)
-    ws = _workspace(step.state, dev, rows, chunks, cfg, any_trunc)
+    stats = chunks + pen_items  # per-row chunk statistics
+    ws = _workspace(step.state, dev, rows, chunks, stats, cfg, any_trunc)
     counter = _call_counter(step.state, dev, step.call)
     dummy = ws["status"]
     positions = step.positions
     seed = int(step.sampler_seed)
     words = triton.cdiv(vocab, 32)
-    # the penalty table, per row: bitmask, its word prefix, R + O value and state slots, or R
+    # the penalty table, per row: bitmask, its word prefix, R + O value, state and id slots, or R
     # values from the cache's table (pipeline._prep_kernel); sized by this call's history, so
     # allocated per call
-    rs = (2 * words + (R if table else 2 * (R + O))) if pen else 0
+    rs = (2 * words + (R if table else 3 * (R + O))) if pen else 0
     pen_tab = torch.empty(max(rows * rs, 1), dtype=torch.int32, device=dev)
     tok = torch.empty(rows, dtype=torch.int64, device=dev)
     lp = torch.empty(rows, dtype=torch.float32, device=dev)
@@ -296,31 +303,34 @@ def run(step):
             PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
             BL=cfg.prep_block, BW=16 if interpreting() else 1024,
             PDL=pdl, launch_pdl=pdl, num_warps=cfg.prep_warps, enable_fp_fusion=False,
+            # two programs per SM (B = 256 on 132 SMs): Triton 3.6 gave the penalised prep 161
+            maxnreg=_regs(2 * cfg.prep_warps),
         )
     K._scan_kernel[(nprog,)](
-        x, x.stride(0), vocab, chunk_len, chunks, rows, nitems,
+        x, x.stride(0), vocab, chunk_len, chunks, stats, rows, rows * chunks, rows * pen_items, span,
+        rep if rep is not None else dummy, rep_stride, R,
         *common, ws["rowkey"],
         pen_tab, words, rs,
         ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
         *hist, *seeds, ws["ythr"], ws["ncand"], ws["pv"], ws["pi"], ws["cval"], ws["cidx"], cfg.cap,
         PREP=prep, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, PF=bool(cfg.pen_prefetch) and pen,
-        D=cfg.emit_depth, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
+        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile,
+        D=cfg.emit_depth, TABLE=table, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
         # every persistent program must be resident at once: cap the registers so that
         # programs_per_sm of them fit in the SM's 64K (a 16th program left over to a second
         # wave doubled S3's scan: bench/NOTES.md, v7)
-        maxnreg=_scan_regs(cfg),
+        maxnreg=_regs(cfg.programs_per_sm * cfg.scan_warps),
     )
     K._finish_kernel[(rows,)](
-        x, x.stride(0), vocab, chunks,
+        x, x.stride(0), vocab, stats,
         *common, ws["rowkey"],
         pen_tab, words, rs,
         ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
         ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], ws["cw"], cfg.cap,
         tok, lp, ws["status"], ws["tau"], ws["lse"], counter,
         MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(chunks), FT=cfg.finish_tile, FR=cfg.finish_regs,
+        NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(stats), FT=cfg.finish_tile, FR=cfg.finish_regs,
         NKP=cfg.finish_pairs, TILE=cfg.fallback_tile,
         PDL=pdl, launch_pdl=pdl, num_warps=cfg.finish_warps, enable_fp_fusion=False,
     )

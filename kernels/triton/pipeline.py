@@ -337,16 +337,13 @@ def _pen_words(pen_row, offs, mask, W, CM: tl.constexpr):
 
 
 @triton.jit
-def _pen_words_tile(pen_row, o0, end, W, TILE: tl.constexpr):
-    """:func:`_pen_words` for the tile o0 + [0, TILE) (o0 a multiple of 4): 4 consecutive tokens
-    share a bitmask word, so each group of 4 loads its word and prefix once, broadcast to the 4
-    (the layout of [TILE // 4, 4] matches the tile's 4-element vectors per lane)."""
+def _pen_words_tile(pen_row, o0, end, TILE: tl.constexpr):
+    """The bitmask words of the tile o0 + [0, TILE) (o0 a multiple of 4): 4 consecutive tokens
+    share a word, so each group of 4 loads it once, broadcast to the 4 (the layout of
+    [TILE // 4, 4] matches the tile's 4-element vectors per lane)."""
     q = o0 + 4 * tl.arange(0, TILE // 4)
     word = tl.load(pen_row + (q >> 5), mask=q < end, other=0)
-    pre = tl.load(pen_row + W + (q >> 5), mask=q < end, other=0)
-    word = tl.reshape(tl.broadcast_to(word[:, None], [TILE // 4, 4]), [TILE])
-    pre = tl.reshape(tl.broadcast_to(pre[:, None], [TILE // 4, 4]), [TILE])
-    return word, pre
+    return tl.reshape(tl.broadcast_to(word[:, None], [TILE // 4, 4]), [TILE])
 
 
 @triton.jit
@@ -356,6 +353,43 @@ def _pen_value(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr, CM: tl.con
     zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
     zp = tl.load(zrow + _rank(word, pre, offs, FAST), mask=hit, other=0.0, cache_modifier=CM)
     return hit, zp
+
+
+@triton.jit
+def _pen_value_cg(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr):
+    """:func:`_pen_value` with L2-only loads (".cg"), for the prep, which wrote the table just
+    now. On the GPU the rank and the load are inline PTX behind a per-token branch: no
+    tl.load, so Triton's coalescing pass lays out no gather (Triton 3.6 laid the pivot's sampled
+    gather along its runs and converted it through 32 KB of shared memory, bench/NOTES.md v9.2).
+    Unmasked: a set bit is a token of the row, whose slot is in the table."""
+    if FAST:
+        hit = _bit(word, offs) & mask
+        zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
+        zp = tl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            .reg .b32 s, m, c;
+            .reg .b64 a;
+            mov.b32 $0, 0;
+            and.b32 s, $3, 31;
+            shr.u32 m, $1, s;
+            and.b32 m, m, 1;
+            setp.eq.u32 p, m, 0;
+            @p bra PSKIP${:uid};
+            mov.b32 m, -1;
+            shl.b32 m, m, s;
+            not.b32 m, m;
+            and.b32 m, m, $1;
+            popc.b32 c, m;
+            add.u32 c, c, $2;
+            mad.wide.u32 a, c, 4, $4;
+            ld.global.cg.f32 $0, [a];
+            PSKIP${:uid}:
+            }""",
+            "=f,r,r,r,l", [word.to(tl.int32), pre.to(tl.int32), offs.to(tl.int32), zrow.to(tl.int64)],
+            dtype=tl.float32, is_pure=False, pack=1)
+        return hit, zp
+    return _pen_value(pen_row, word, pre, offs, mask, W, FAST, ".cg")
 
 
 @triton.jit
@@ -620,10 +654,11 @@ def _prep_kernel(
                 z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
                 tl.store(zrow + i, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
         else:
-            S = (RS - 2 * W) // 2
+            S = (RS - 2 * W) // 3
             slot_row = pen_row + 2 * W + S
             for i0 in range(0, S, BW):
                 tl.store(slot_row + i0 + wl, tl.zeros([BW], tl.int32), mask=i0 + wl < S)
+                tl.store(slot_row + S + i0 + wl, tl.full([BW], -1, tl.int32), mask=i0 + wl < S)
             tl.debug_barrier()
             # Phase 1: the bits of every penalised token.
             if PEN_REP:
@@ -670,6 +705,7 @@ def _prep_kernel(
                             ok = ok & ((st & 1) == 0)
                         z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
                         tl.store(zrow + slot, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
+                        tl.store(slot_row + S + slot, ts, mask=ok)
     if PIVOT:
         if PEN_REP or PEN_OUT:
             tl.debug_barrier()
@@ -677,6 +713,87 @@ def _prep_kernel(
                temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
                PEN_REP or PEN_OUT, HAS_TEMP, FAST, NS, J0)
     _gdc_done(PDL)
+
+
+@triton.jit
+def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rk, yth,
+               cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr, ncand_ptr, cval_ptr, cidx_ptr, CAP,
+               HAS_TEMP: tl.constexpr, FAST: tl.constexpr, ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr,
+               NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, BC: tl.constexpr):
+    """Slots [lo, hi) of the row's penalised tokens as one more chunk of its scan (stats at index
+    ``ws``), from its table: token ids ``id_src`` (< 0 or >= V: empty), penalised values ``zrow``.
+
+    The scan's chunks mask these tokens (a bit test per token instead of a rank and a load: S3's
+    scan took 99 us against S2's 86 at B = 256, bench/NOTES.md v10), and one more work item per
+    row computes here what their loop would have had for them: the max and NaN flag, the sum
+    of exp(z - max) below the max (per lane online, as :func:`_lse_update`), the best key (the
+    chunks' `_gumbel_key`, or greedy; the lowest id on ties) and the candidates y >= yth, copied
+    to the row's list as z = y / T. (In the prep, latency-bound with one program per row, the
+    same work cost 3-5 us per call.)"""
+    greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
+    gum_row = (trunc == 0) & (greedy == 0)
+    T = tl.load(temp_ptr + b)
+    Y = _recip(T, FAST)
+    ys = tl.full([], 1.0, tl.float32)
+    if HAS_TEMP:
+        ys = 1.0 / T
+    lanes = tl.arange(0, BC)
+    ymax = tl.full([BC], float("-inf"), tl.float32)
+    m_vec = tl.full([BC], float("-inf"), tl.float32)
+    s_vec = tl.zeros([BC], tl.float32)
+    kb = tl.full([BC], float("-inf"), tl.float32)
+    ki = tl.full([BC], INT32_MAX, tl.int32)
+    cand = ANY_TRUNC and trunc
+    for i0 in range(lo, hi, BC):
+        i = i0 + lanes
+        t = tl.load(id_src + i, mask=i < hi, other=-1)
+        y = tl.load(zrow + i, mask=i < hi, other=float("-inf"), cache_modifier=".cg")
+        ok = (t >= 0) & (t < V) & (i < hi)
+        ts = tl.where(ok, t, 0).to(tl.int32)
+        y = tl.where(ok, y, float("-inf"))
+        ymax = tl.maximum(ymax, y, propagate_nan=tl.PropagateNan.ALL)
+        if NEED_S:
+            z = y * ys
+            s_vec = _lse_update(s_vec, m_vec, z)
+            m_vec = tl.maximum(m_vec, z)
+        if ANY_PLAIN:
+            key = y  # greedy rows have T = 1
+            if gum_row:
+                u, v = _uv(rk, ts)
+                key = _gumbel_key(y * ys, u, v, float("inf"), FAST)
+            better = ok & ((key > kb) | ((key == kb) & (ts < ki)))
+            kb = tl.where(better, key, kb)
+            ki = tl.where(better, ts, ki)
+        if cand:
+            sel = ok & (y >= yth)
+            nsel = tl.sum(sel.to(tl.int32))
+            if nsel > 0:
+                base = tl.atomic_add(ncand_ptr + b, nsel, sem="relaxed")
+                dst = base + tl.cumsum(sel.to(tl.int32), 0) - 1
+                zc = y
+                if HAS_TEMP:
+                    zc = _div(y, T, Y, FAST)
+                okc = sel & (dst < CAP)
+                tl.store(cval_ptr + b.to(tl.int64) * CAP + dst, zc, mask=okc)
+                tl.store(cidx_ptr + b.to(tl.int64) * CAP + dst, ts, mask=okc)
+    y_c = tl.max(ymax)
+    m_c = y_c
+    if HAS_TEMP:
+        m_c = _div(y_c, T, Y, FAST)
+    bad_c = (tl.max((ymax != ymax).to(tl.int32)) > 0) | (m_c == float("inf"))
+    tl.store(cflag_ptr + ws, bad_c.to(tl.int32) | ((m_c > float("-inf")).to(tl.int32) << 1))
+    tl.store(cm_ptr + ws, m_c)
+    if NEED_S:
+        mc, oth = _lse_chunk(m_vec, s_vec)
+        tl.store(cs_ptr + ws, oth)
+    if NEED_RAW:
+        # the raw log-sum-exp is the scan's, over every token
+        tl.store(crm_ptr + ws, float("-inf"))
+        tl.store(crs_ptr + ws, tl.zeros([], tl.float64))
+    if ANY_PLAIN:
+        kbest = tl.max(kb)
+        tl.store(ckey_ptr + ws, kbest)
+        tl.store(cid_ptr + ws, tl.min(tl.where(kb == kbest, ki, INT32_MAX)))
 
 
 @triton.jit
@@ -733,7 +850,7 @@ def _pivot(base, pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr,
             first = (pos >> 5) == (base >> 5)[None, :]
             word = tl.where(first, word0[None, :], word1[None, :])
             pre = tl.where(first, pre0[None, :], pre1[None, :])
-            hit, zp = _pen_value(pen_row, word, pre, pos, mask, W, FAST, ".cg")
+            hit, zp = _pen_value_cg(pen_row, word, pre, pos, mask, W, FAST)
             y = tl.where(hit, zp, x)
         valid = mask & (y == y) & (y > float("-inf"))
         ky = tl.where(valid, _okey(y), INT32_MIN)
@@ -804,9 +921,9 @@ def _pivot(base, pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr,
 # ----------------------------------------------------------------------------- scan
 
 
-@triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr", "B", "NITEMS", "C"] + _HIST[3:])
+@triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr", "B", "NITEMS", "C", "CS", "NP", "SPAN"] + _HIST)
 def _scan_kernel(
-    x_ptr, x_stride, V, CH, C, B, NITEMS,
+    x_ptr, x_stride, V, CH, C, CS, B, NITEMS, NP, SPAN, rep_ptr, rep_stride, R,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
     pen_ptr, W, RS,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
@@ -815,7 +932,7 @@ def _scan_kernel(
     PREP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr,
-    NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, PF: tl.constexpr, D: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr, TABLE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Persistent: program p takes work items p, p + P, ... (item w is chunk w // B of row
@@ -831,7 +948,31 @@ def _scan_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, TILE)
-    for w in range(pid, NITEMS, nprog):
+    # Work items g = pid, pid + P, ...: first NP = B * (CS - C) items of SPAN slots of the rows'
+    # penalised tokens (the chunks mask them; a row's slots split over up to 8 items at small B,
+    # where one item over 2048 slots took 13.7 us serially, longer than the chunks), then the
+    # chunks.
+    for g in range(pid, NP, nprog):
+        j = g // B
+        b = g - j * B
+        b64 = b.to(tl.int64)
+        pen_row = pen_ptr + b64 * RS
+        if TABLE:
+            S = R
+            id_src = rep_ptr + b64 * rep_stride
+        else:
+            S = (RS - 2 * W) // 3
+            id_src = pen_row + 2 * W + 2 * S
+        yth = tl.full([], float("inf"), tl.float32)
+        if ANY_TRUNC:
+            yth = tl.load(ythr_ptr + b)
+        _pen_chunk(id_src, (pen_row + 2 * W).to(tl.pointer_type(tl.float32)), j * SPAN,
+                   tl.minimum(S, j * SPAN + SPAN), V, b, b64 * CS + C + j,
+                   temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, tl.load(rowkey_ptr + b).to(tl.uint32), yth,
+                   cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr, ncand_ptr, cval_ptr, cidx_ptr, CAP,
+                   HAS_TEMP, FAST, ANY_PLAIN, ANY_TRUNC, NEED_S, NEED_RAW, TILE)
+    for g in range(pid + tl.cdiv(tl.maximum(NP - pid, 0), nprog) * nprog, NP + NITEMS, nprog):
+        w = g - NP
         c = w // B
         b = w - c * B
         b64 = b.to(tl.int64)
@@ -882,28 +1023,20 @@ def _scan_kernel(
         # one tile loaded ahead, so a load is in flight while the previous tile computes
         # (deeper prefetching, by hand or with tl.range's pipeline, measured no faster: v6)
         xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
-        if PF:
-            # Penalty lookups software-pipelined: the bitmask words two tiles ahead, the dependent
-            # penalised values one tile ahead, so neither latency sits in the tile's critical path.
-            o0 = start + lanes
-            w0, p0 = _pen_words_tile(pen_row, start, end, W, TILE)
-            hitn, zpn = _pen_value(pen_row, w0, p0, o0, o0 < end, W, FAST, "")
-            o1 = o0 + TILE
-            wn, pn = _pen_words_tile(pen_row, start + TILE, end, W, TILE)
+        if HAS_PEN:
+            # Penalised tokens are masked here (-inf: never the max, a candidate or a key) and
+            # enter the row as a chunk of their own from the prep (_pen_chunk), so the loop reads
+            # only the bitmask words, loaded a tile ahead like the logits.
+            wn = _pen_words_tile(pen_row, start, end, TILE)
         for s0 in range(start, end, TILE):
             offs = s0 + lanes
             mask = offs < end
             x = xn.to(tl.float32)
             xn = tl.load(x_row + offs + TILE, mask=offs + TILE < end, other=float("-inf"))
-            if PF:
-                hit = hitn
-                zp = zpn
-                o1 = offs + TILE
-                hitn, zpn = _pen_value(pen_row, wn, pn, o1, o1 < end, W, FAST, "")
-                wn, pn = _pen_words_tile(pen_row, s0 + 2 * TILE, end, W, TILE)
-                y = tl.where(hit, zp, x)
-            else:
-                y = _zval(x, offs, mask, pen_row, W, T, Y, HAS_PEN, False, FAST, "")
+            y = x
+            if HAS_PEN:
+                y = tl.where(_bit(wn, offs), float("-inf"), x)
+                wn = _pen_words_tile(pen_row, s0 + TILE, end, TILE)
             # NaN-propagating max: one instruction flags NaN (and +inf shows in the max).
             ymax = tl.maximum(ymax, y, propagate_nan=tl.PropagateNan.ALL)
             if NEED_S or ANY_GUMBEL:
@@ -945,7 +1078,7 @@ def _scan_kernel(
                 if ANY_GUMBEL:
                     kb_row = tl.maximum(kb_row, tl.max(key))
 
-        ws = b64 * C + c
+        ws = b64 * CS + c
         y_c = tl.max(ymax)
         m_c = y_c
         if HAS_TEMP:
