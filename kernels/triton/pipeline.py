@@ -619,11 +619,12 @@ def _prep_kernel(
     tl.store(rowkey_ptr + b, key.to(tl.int64))
 
     if PEN_REP or PEN_OUT:
-        # The row's penalty table, pen[b] = [bits: W words | prefix: W words | values: S | state: S]:
-        # bit t of the bitmask marks a penalised token, the prefix holds the set bits of the words
-        # before each word, so a penalised token's slot is its rank among the row's penalised
-        # tokens; values holds its penalised float32 value, state 2 * (output count) + (seen by
-        # the repetition penalty). Everything the scan reads is O(V / 32 + L) per row, written
+        # The row's penalty table, pen[b] = [bits: W words | prefix: W words | values: S | state: S
+        # | token ids: S]: bit t of the bitmask marks a penalised token, the prefix holds the set
+        # bits of the words before each word, so a penalised token's slot is its rank among the
+        # row's penalised tokens; values holds its penalised float32 value, state 2 * (output
+        # count) + (seen by the repetition penalty), token ids the slot's token (for the scan's
+        # penalised-token items). Everything the scan reads is O(V / 32 + L) per row, written
         # coalesced or into a few KB, not scattered over a [B, V] table (bench/NOTES.md, v7).
         pen_row = pen_ptr + b64 * RS
         zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
@@ -654,11 +655,10 @@ def _prep_kernel(
                 z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
                 tl.store(zrow + i, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
         else:
-            S = (RS - 2 * W) // 3
-            slot_row = pen_row + 2 * W + S
+            S, slot_row, id_row = _raw_slots(pen_row, W, RS)
             for i0 in range(0, S, BW):
                 tl.store(slot_row + i0 + wl, tl.zeros([BW], tl.int32), mask=i0 + wl < S)
-                tl.store(slot_row + S + i0 + wl, tl.full([BW], -1, tl.int32), mask=i0 + wl < S)
+                tl.store(id_row + i0 + wl, tl.full([BW], -1, tl.int32), mask=i0 + wl < S)
             tl.debug_barrier()
             # Phase 1: the bits of every penalised token.
             if PEN_REP:
@@ -705,7 +705,7 @@ def _prep_kernel(
                             ok = ok & ((st & 1) == 0)
                         z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
                         tl.store(zrow + slot, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
-                        tl.store(slot_row + S + slot, ts, mask=ok)
+                        tl.store(id_row + slot, ts, mask=ok)
     if PIVOT:
         if PEN_REP or PEN_OUT:
             tl.debug_barrier()
@@ -713,6 +713,27 @@ def _prep_kernel(
                temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
                PEN_REP or PEN_OUT, HAS_TEMP, FAST, NS, J0)
     _gdc_done(PDL)
+
+
+@triton.jit
+def _store_chunk_max(ymax, T, Y, ws, cflag_ptr, cm_ptr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr):
+    """A chunk's max z = max(y) / T (exact) and its flags, from the lanes' NaN-propagating maxima
+    of y: bit 0, NaN or +inf (the row is invalid); bit 1, a value above -inf."""
+    y_c = tl.max(ymax)
+    m_c = y_c
+    if HAS_TEMP:
+        m_c = _div(y_c, T, Y, FAST)
+    bad_c = (tl.max((ymax != ymax).to(tl.int32)) > 0) | (m_c == float("inf"))
+    tl.store(cflag_ptr + ws, bad_c.to(tl.int32) | ((m_c > float("-inf")).to(tl.int32) << 1))
+    tl.store(cm_ptr + ws, m_c)
+
+
+@triton.jit
+def _raw_slots(pen_row, W, RS):
+    """The slot arrays of a raw-id penalty table (:func:`_prep_kernel`): [bits: W | prefix: W |
+    values: S | states: S | token ids: S]; returns S and the states' and ids' rows."""
+    S = (RS - 2 * W) // 3
+    return S, pen_row + 2 * W + S, pen_row + 2 * W + 2 * S
 
 
 @triton.jit
@@ -724,8 +745,8 @@ def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, t
     ``ws``), from its table: token ids ``id_src`` (< 0 or >= V: empty), penalised values ``zrow``.
 
     The scan's chunks mask these tokens (a bit test per token instead of a rank and a load: S3's
-    scan took 99 us against S2's 86 at B = 256, bench/NOTES.md v10), and one more work item per
-    row computes here what their loop would have had for them: the max and NaN flag, the sum
+    scan took 99 us against S2's 86 at B = 256, bench/NOTES.md v10), and 1-8 more work items per
+    row compute here what their loop would have had for them: the max and NaN flag, the sum
     of exp(z - max) below the max (per lane online, as :func:`_lse_update`), the best key (the
     chunks' `_gumbel_key`, or greedy; the lowest id on ties) and the candidates y >= yth, copied
     to the row's list as z = y / T. (In the prep, latency-bound with one program per row, the
@@ -776,13 +797,7 @@ def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, t
                 okc = sel & (dst < CAP)
                 tl.store(cval_ptr + b.to(tl.int64) * CAP + dst, zc, mask=okc)
                 tl.store(cidx_ptr + b.to(tl.int64) * CAP + dst, ts, mask=okc)
-    y_c = tl.max(ymax)
-    m_c = y_c
-    if HAS_TEMP:
-        m_c = _div(y_c, T, Y, FAST)
-    bad_c = (tl.max((ymax != ymax).to(tl.int32)) > 0) | (m_c == float("inf"))
-    tl.store(cflag_ptr + ws, bad_c.to(tl.int32) | ((m_c > float("-inf")).to(tl.int32) << 1))
-    tl.store(cm_ptr + ws, m_c)
+    _store_chunk_max(ymax, T, Y, ws, cflag_ptr, cm_ptr, HAS_TEMP, FAST)
     if NEED_S:
         mc, oth = _lse_chunk(m_vec, s_vec)
         tl.store(cs_ptr + ws, oth)
@@ -961,8 +976,7 @@ def _scan_kernel(
             S = R
             id_src = rep_ptr + b64 * rep_stride
         else:
-            S = (RS - 2 * W) // 3
-            id_src = pen_row + 2 * W + 2 * S
+            S, slot_row, id_src = _raw_slots(pen_row, W, RS)
         yth = tl.full([], float("inf"), tl.float32)
         if ANY_TRUNC:
             yth = tl.load(ythr_ptr + b)
@@ -1025,8 +1039,8 @@ def _scan_kernel(
         xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
         if HAS_PEN:
             # Penalised tokens are masked here (-inf: never the max, a candidate or a key) and
-            # enter the row as a chunk of their own from the prep (_pen_chunk), so the loop reads
-            # only the bitmask words, loaded a tile ahead like the logits.
+            # enter the row through the items above (_pen_chunk), so the loop reads only the
+            # bitmask words, loaded a tile ahead like the logits.
             wn = _pen_words_tile(pen_row, start, end, TILE)
         for s0 in range(start, end, TILE):
             offs = s0 + lanes
@@ -1079,13 +1093,7 @@ def _scan_kernel(
                     kb_row = tl.maximum(kb_row, tl.max(key))
 
         ws = b64 * CS + c
-        y_c = tl.max(ymax)
-        m_c = y_c
-        if HAS_TEMP:
-            m_c = _div(y_c, T, Y, FAST)
-        bad_c = (tl.max((ymax != ymax).to(tl.int32)) > 0) | (m_c == float("inf"))
-        tl.store(cflag_ptr + ws, bad_c.to(tl.int32) | ((m_c > float("-inf")).to(tl.int32) << 1))
-        tl.store(cm_ptr + ws, m_c)
+        _store_chunk_max(ymax, T, Y, ws, cflag_ptr, cm_ptr, HAS_TEMP, FAST)
         if NEED_S:
             oth = tl.sum(s_vec.to(tl.float64)) + s_extra.to(tl.float64) + tl.maximum(n_at - 1.0, 0.0).to(tl.float64)
             tl.store(cs_ptr + ws, oth)
