@@ -354,6 +354,47 @@ def test_fast_division_is_bit_identical_to_div_rn():
     assert bool(same.all()), f"{int((~same).sum())} quotients differ"
 
 
+def test_gumbel_tile_vote_keeps_every_token_that_could_win():
+    # The scan computes a tile's Gumbel keys only if some token has a margin >= +0: the margin
+    # (one fused multiply-add on the uniform's bits) must be positive wherever the exact test of
+    # _gumbel_key, v < e * cb, holds; here with v within a few ulps of e * cb, on the GPU's fma.
+    import triton
+    import triton.language as tl
+
+    from sampling.kernels.triton import pipeline as K
+
+    @triton.jit
+    def margin_kernel(m_ptr, e_ptr, cb_ptr, out_ptr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = tl.load(m_ptr + i).to(tl.uint32)
+        e = tl.load(e_ptr + i)
+        cb = tl.load(cb_ptr + i)
+        u, v = K._uv_m(m)
+        tl.store(out_ptr + i, K._beat_margin(m, e, cb))
+        tl.store(out_ptr + BLOCK * tl.num_programs(0) + i, v)
+        tl.store(out_ptr + 2 * BLOCK * tl.num_programs(0) + i, e * cb)
+
+    rng = np.random.default_rng(11)
+    n = 1 << 18
+    m = rng.integers(0, 1 << 23, n)
+    m[:4] = [0, 1, (1 << 23) - 2, (1 << 23) - 1]
+    v = ((2 * ((1 << 23) - 1 - m) + 1) * 2.0**-24).astype(np.float32)  # exact
+    e = np.exp2(rng.uniform(-40, 0, n)).astype(np.float32)
+    # thresholds at v and a few ulps around it
+    thr = (v.astype(np.float64) * (1 + rng.integers(-6, 7, n) * 2.0**-24)).astype(np.float32)
+    cb = (thr.astype(np.float64) / e).astype(np.float32)
+    out = torch.empty(3 * n, device="cuda")
+    margin_kernel[(n // 1024,)](cuda(m.astype(np.int32)), cuda(e), cuda(cb), out, BLOCK=1024)
+    margin, v_dev, thr_dev = out.view(3, n).cpu().numpy()
+    np.testing.assert_array_equal(v_dev, v)
+    passes = v_dev < thr_dev
+    assert 0.2 * n < passes.sum() < 0.8 * n  # the cases straddle the test
+    assert (margin[passes] > 0).all(), f"{int((margin[passes] <= 0).sum())} winners would be skipped"
+    # and it is tight: its slack is 3 * 2**-24, so tokens 2**-22 above the threshold are skipped
+    far = v_dev > thr_dev + 2.0**-22
+    assert far.sum() > 1000 and (margin[far] <= 0).all()
+
+
 def _compiled_variants():
     """Compiled kernel variants held by the JIT caches of every pipeline kernel."""
     from sampling.kernels.triton import pipeline as K

@@ -29,6 +29,9 @@ class Config:
     #: per-tile reductions are shuffles without block barriers).
     tile: int = 256
     scan_warps: int = 1
+    #: Tiles of the scan's logits in flight per program: 1 loads the next tile into registers
+    #: by hand; more use tl.range's software pipeline (cp.async into shared memory).
+    scan_stages: int = 1
     #: Tile and warps of the top-n keys kernel.
     row_tile: int = 1024
     row_warps: int = 4
@@ -316,7 +319,7 @@ def run(step):
         PREP=prep, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
         NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile,
-        D=cfg.emit_depth, TABLE=table, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
+        D=cfg.emit_depth, TABLE=table, NS=cfg.scan_stages, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
         # every persistent program must be resident at once: cap the registers so that
         # programs_per_sm of them fit in the SM's 64K (a 16th program left over to a second
         # wave doubled S3's scan: bench/NOTES.md, v7)

@@ -197,11 +197,41 @@ def _lg2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _u_mantissa(key, offs):
+    """The top 23 bits m of each token's hash (the stream's uniform is u = (2m+1) 2**-24)."""
+    return rs.token_bits(key, offs.to(tl.uint32)) >> 9
+
+
+@triton.jit
+def _beat_margin(m, e, cb):
+    """> 0 for a superset of the tokens with v = 1 - u < e * cb (the test of
+    :func:`_gumbel_key`), from m alone: with f = 1 + m 2**-23 (m's bits as a float in [1, 2)),
+    v = 2 - 2**-24 - f exactly, so the test is e * cb > 2 - 2**-24 - f. The margin returned is
+    e * cb - (C - f) with C = 2 - 2**-22 (f - C is exact, and one rounding keeps the sign): the
+    extra 3 * 2**-24 exceeds the rounding of the product e * cb, so every token that passes the
+    test has a positive margin."""
+    f = (m | tl.full([], 0x3F800000, tl.uint32)).to(tl.float32, bitcast=True)
+    return tl.fma(e, cb, f - 1.9999997615814209)
+
+
+@triton.jit
+def _vote_bits(d):
+    """The largest of d's float32 bit patterns read as int32, over the whole tensor (an integer
+    reduction: one REDUX across the warp). It is >= 0 iff some element has its sign bit clear
+    (d >= +0, or a NaN with the sign clear) and > 0 iff some element is > +0 (or such a NaN)."""
+    return tl.max(d.to(tl.int32, bitcast=True))
+
+
+@triton.jit
 def _uv(key, offs):
     """The stream's uniform u = (2m+1) 2**-24 and v = 1 - u, both exact, from the top 23 bits m
     of the token's hash (bit tricks instead of an int-to-float conversion)."""
-    h = rs.token_bits(key, offs.to(tl.uint32))
-    m = h >> 9
+    return _uv_m(_u_mantissa(key, offs))
+
+
+@triton.jit
+def _uv_m(m):
+    """:func:`_uv` from the mantissa bits m of :func:`_u_mantissa`."""
     one = tl.full([], 0x3F800000, tl.uint32)
     u = ((m | one).to(tl.float32, bitcast=True) - 1.0) + 5.9604644775390625e-08
     v = (((0x7FFFFF - m) | one).to(tl.float32, bitcast=True) - 1.0) + 5.9604644775390625e-08
@@ -263,6 +293,13 @@ def _gumbel_key(z, u, v, thr, FAST: tl.constexpr):
             }""",
             "=f,f,f,f,f", [z, u, v, thr], dtype=tl.float32, is_pure=True, pack=1)
     return tl.where(v < thr, z + _gumbel_uv(u, v, FAST), float("-inf"))
+
+
+@triton.jit
+def _argmax_update(key, offs, kb, ki):
+    """Per position: the best key so far and its token (the first on ties: offs rise)."""
+    better = key > kb
+    return tl.where(better, key, kb), tl.where(better, offs, ki)
 
 
 @triton.jit
@@ -948,7 +985,7 @@ def _scan_kernel(
     HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr,
     NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr, TABLE: tl.constexpr,
-    PDL: tl.constexpr,
+    NS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Persistent: program p takes work items p, p + P, ... (item w is chunk w // B of row
     w % B).
@@ -1034,28 +1071,40 @@ def _scan_kernel(
         kb = tl.full([TILE], float("-inf"), tl.float32)
         ki = tl.zeros([TILE], tl.int32)
         kb_row = tl.full([], float("-inf"), tl.float32)
-        # one tile loaded ahead, so a load is in flight while the previous tile computes
-        # (deeper prefetching, by hand or with tl.range's pipeline, measured no faster: v6)
-        xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
-        if HAS_PEN:
-            # Penalised tokens are masked here (-inf: never the max, a candidate or a key) and
-            # enter the row through the items above (_pen_chunk), so the loop reads only the
-            # bitmask words, loaded a tile ahead like the logits.
-            wn = _pen_words_tile(pen_row, start, end, TILE)
-        for s0 in range(start, end, TILE):
+        # Penalised tokens are masked in this loop (-inf: never the max, a candidate or a key)
+        # and enter the row through the items above (_pen_chunk), so the loop reads only the
+        # bitmask words beside the logits. NS == 1: both loaded one tile ahead by hand, so a
+        # load is in flight while the previous tile computes; NS > 1: tl.range's pipeline
+        # copies NS - 1 tiles ahead into shared memory (cp.async), without holding registers.
+        if NS == 1:
+            xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
+            if HAS_PEN:
+                wn = _pen_words_tile(pen_row, start, end, TILE)
+        for s0 in tl.range(start, end, TILE, num_stages=NS):
             offs = s0 + lanes
             mask = offs < end
-            x = xn.to(tl.float32)
-            xn = tl.load(x_row + offs + TILE, mask=offs + TILE < end, other=float("-inf"))
+            if NS == 1:
+                x = xn.to(tl.float32)
+                xn = tl.load(x_row + offs + TILE, mask=offs + TILE < end, other=float("-inf"))
+                if HAS_PEN:
+                    wc = wn
+                    wn = _pen_words_tile(pen_row, s0 + TILE, end, TILE)
+            else:
+                x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                if HAS_PEN:
+                    wc = _pen_words_tile(pen_row, s0, end, TILE)
             y = x
             if HAS_PEN:
-                y = tl.where(_bit(wn, offs), float("-inf"), x)
-                wn = _pen_words_tile(pen_row, s0 + TILE, end, TILE)
+                y = tl.where(_bit(wc, offs), float("-inf"), x)
             # NaN-propagating max: one instruction flags NaN (and +inf shows in the max).
             ymax = tl.maximum(ymax, y, propagate_nan=tl.PropagateNan.ALL)
             if NEED_S or ANY_GUMBEL:
-                tmax = tl.max(y)
-                if tmax >= m_row:
+                # The running max rises in few tiles: a vote (one integer reduction) finds them,
+                # and only they reduce the tile's max across the lanes and count the elements at
+                # the max. (A NaN makes the sum NaN; its row is invalid through its flag.) One
+                # vote for this and the Gumbel test below measured slower than two (v11).
+                if _vote_bits(y - m_row) >= 0:  # some y >= m_row (y - y is +0)
+                    tmax = tl.max(y)
                     if tmax > m_row:
                         f = tl.exp2((m_row - tmax) * c2)
                         s_vec = s_vec * f
@@ -1064,9 +1113,13 @@ def _scan_kernel(
                         m_row = tmax
                         ml2 = tmax * c2
                     n_at += tl.sum((y == m_row).to(tl.float32))
-                e = tl.exp2(tl.fma(y, c2, -ml2))
-                if NEED_S:
-                    s_vec += tl.where(y < m_row, e, 0.0)
+                    e = tl.exp2(tl.fma(y, c2, -ml2))
+                    if NEED_S:
+                        s_vec += tl.where(y < m_row, e, 0.0)
+                else:
+                    e = tl.exp2(tl.fma(y, c2, -ml2))
+                    if NEED_S:
+                        s_vec += e
             if NEED_RAW:
                 rs_vec = _lse_update(rs_vec, rm_vec, x)
                 rm_vec = tl.maximum(rm_vec, x)
@@ -1079,18 +1132,24 @@ def _scan_kernel(
                     tl.store(pi_ptr + slot, offs, mask=keep)
                     ccnt += sel.to(tl.int32)
             if ANY_PLAIN:
-                key = y  # greedy rows have T = 1
+                greedy_tile = True
                 if ANY_GUMBEL:
-                    # exp(z - kb_row) = e * exp(m_row / T - kb_row); 0.1% slack covers the rounding
+                    greedy_tile = gum_row == 0
+                if greedy_tile:
+                    kb, ki = _argmax_update(y, offs, kb, ki)  # greedy rows: the key is y (T = 1)
+                else:
+                    # exp(z - kb_row) = e * exp(m_row / T - kb_row); 0.1% slack covers the rounding.
+                    # A token can only beat kb_row where v < thr (thr = e * cb): after the first
+                    # tiles almost no tile has one, so a vote over a cheap conservative form of
+                    # that test (on the uniform's bits, before any log) skips the whole tile.
                     cb = tl.where(kb_row == float("-inf"), float("inf"),
                                   tl.exp2((m_row * ys - kb_row) * LOG2E) * 1.001)
-                    u, v = _uv(rk, offs)
-                    key = tl.where(gum_row, _gumbel_key(y * ys, u, v, e * cb, FAST), y)
-                better = key > kb
-                kb = tl.where(better, key, kb)
-                ki = tl.where(better, offs, ki)
-                if ANY_GUMBEL:
-                    kb_row = tl.maximum(kb_row, tl.max(key))
+                    hm = _u_mantissa(rk, offs)
+                    if _vote_bits(_beat_margin(hm, e, cb)) > 0:
+                        u, v = _uv_m(hm)
+                        key = _gumbel_key(y * ys, u, v, e * cb, FAST)
+                        kb, ki = _argmax_update(key, offs, kb, ki)
+                        kb_row = tl.maximum(kb_row, tl.max(key))
 
         ws = b64 * CS + c
         _store_chunk_max(ymax, T, Y, ws, cflag_ptr, cm_ptr, HAS_TEMP, FAST)
