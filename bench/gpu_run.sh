@@ -37,7 +37,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 summary=()
 if [[ " $STAGES " == *" tests "* ]]; then
   t0=$SECONDS
-  timeout "${T_TESTS:-300}" python3 -m pytest tests/test_triton_gpu.py tests/test_torch_cuda.py tests/test_cache.py -q -p no:cacheprovider -rfE \
+  timeout "${T_TESTS:-480}" python3 -m pytest tests/test_triton_gpu.py tests/test_torch_cuda.py tests/test_cache.py -q -p no:cacheprovider -rfE \
     2>&1 | tee "$OUT/tests.log"
   summary+=("tests: $(tail -n 1 "$OUT/tests.log") ($((SECONDS - t0)) s)")
 fi

@@ -29,9 +29,11 @@ class Config:
     #: per-tile reductions are shuffles without block barriers).
     tile: int = 256
     scan_warps: int = 1
-    #: Tiles of the scan's logits in flight per program: 1 loads the next tile into registers
-    #: by hand; more use tl.range's software pipeline (cp.async into shared memory).
-    scan_stages: int = 1
+    #: Pipeline stages of the scan's tile loop: > 1 uses tl.range's software pipeline (cp.async
+    #: copies stages - 1 tiles ahead into shared memory, holding no registers); 1 loads the next
+    #: tile into registers by hand. 3: S2 113 -> 105 us at B = 256, 393 -> 362 us at B = 1024
+    #: (bench/NOTES.md, v11).
+    scan_stages: int = 3
     #: Tile and warps of the top-n keys kernel.
     row_tile: int = 1024
     row_warps: int = 4
@@ -167,7 +169,7 @@ def _workspace(state: Dict[str, Any], device, rows: int, chunks: int, stats: int
             cm=e(n, torch.float32), cs=e(n, torch.float64), crm=e(n, torch.float32), crs=e(n, torch.float64),
             cflag=e(n, torch.int32), ckey=e(n, torch.float32), cid=e(n, torch.int32),
             theta=e(rows, torch.float32), ythr=e(rows, torch.float32), ncand=e(rows, torch.int32),
-            pv=e(slots, torch.float32), pi=e(slots, torch.int32),
+            pc=e(slots, torch.int64),
             cval=e(cands, torch.float32), cidx=e(cands, torch.int32), cw=e(cands, torch.int64),
             rowkey=e(rows, torch.int64), status=e(rows, torch.int32), tau=e(rows, torch.float32),
             lse=e(rows, torch.float64),
@@ -315,7 +317,7 @@ def run(step):
         *common, ws["rowkey"],
         pen_tab, words, rs,
         ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
-        *hist, *seeds, ws["ythr"], ws["ncand"], ws["pv"], ws["pi"], ws["cval"], ws["cidx"], cfg.cap,
+        *hist, *seeds, ws["ythr"], ws["ncand"], ws["pc"], ws["cval"], ws["cidx"], cfg.cap,
         PREP=prep, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
         NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile,

@@ -296,6 +296,16 @@ def _gumbel_key(z, u, v, thr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _pack_candidate(y, t, FAST: tl.constexpr):
+    """A candidate as one int64: its value's float32 bits low, its token id high (one 8-byte
+    store per candidate: cheaper than two 4-byte stores, bench/NOTES.md v11)."""
+    if FAST:
+        return tl.inline_asm_elementwise("mov.b64 $0, {$1, $2};", "=l,r,r", [y.to(tl.int32, bitcast=True), t],
+                                         dtype=tl.int64, is_pure=True, pack=1)
+    return (t.to(tl.int64) << 32) | (y.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+
+
+@triton.jit
 def _argmax_update(key, offs, kb, ki):
     """Per position: the best key so far and its token (the first on ties: offs rise)."""
     better = key > kb
@@ -980,7 +990,7 @@ def _scan_kernel(
     pen_ptr, W, RS,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
-    samp_lo, samp_hi, call_ptr, ythr_ptr, ncand_ptr, pv_ptr, pi_ptr, cval_ptr, cidx_ptr, CAP,
+    samp_lo, samp_hi, call_ptr, ythr_ptr, ncand_ptr, pc_ptr, cval_ptr, cidx_ptr, CAP,
     PREP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr,
@@ -1071,6 +1081,10 @@ def _scan_kernel(
         kb = tl.full([TILE], float("-inf"), tl.float32)
         ki = tl.zeros([TILE], tl.int32)
         kb_row = tl.full([], float("-inf"), tl.float32)
+        # Greedy rows (key y, T = 1) need no per-element work: their argmax moves only where the
+        # running max m_row rises, which the log-sum-exp's vote finds (ANY_PLAIN implies NEED_S).
+        tl.static_assert(NEED_S or not ANY_PLAIN)
+        gi = tl.zeros([], tl.int32)
         # Penalised tokens are masked in this loop (-inf: never the max, a candidate or a key)
         # and enter the row through the items above (_pen_chunk), so the loop reads only the
         # bitmask words beside the logits. NS == 1: both loaded one tile ahead by hand, so a
@@ -1106,6 +1120,10 @@ def _scan_kernel(
                 if _vote_bits(y - m_row) >= 0:  # some y >= m_row (y - y is +0)
                     tmax = tl.max(y)
                     if tmax > m_row:
+                        if ANY_PLAIN:
+                            # greedy rows' argmax: the first token at the new max (an equal
+                            # max in a later tile keeps the earlier token)
+                            gi = tl.min(tl.where(y == tmax, offs, INT32_MAX))
                         f = tl.exp2((m_row - tmax) * c2)
                         s_vec = s_vec * f
                         s_extra = (s_extra + n_at) * f
@@ -1128,16 +1146,10 @@ def _scan_kernel(
                 if tl.max(sel.to(tl.int32)) > 0:
                     slot = pbase + ccnt * TILE + lanes
                     keep = sel & (ccnt < D)
-                    tl.store(pv_ptr + slot, y, mask=keep)
-                    tl.store(pi_ptr + slot, offs, mask=keep)
+                    tl.store(pc_ptr + slot, _pack_candidate(y, offs, FAST), mask=keep)
                     ccnt += sel.to(tl.int32)
-            if ANY_PLAIN:
-                greedy_tile = True
-                if ANY_GUMBEL:
-                    greedy_tile = gum_row == 0
-                if greedy_tile:
-                    kb, ki = _argmax_update(y, offs, kb, ki)  # greedy rows: the key is y (T = 1)
-                else:
+            if ANY_GUMBEL:
+                if gum_row:
                     # exp(z - kb_row) = e * exp(m_row / T - kb_row); 0.1% slack covers the rounding.
                     # A token can only beat kb_row where v < thr (thr = e * cb): after the first
                     # tiles almost no tile has one, so a vote over a cheap conservative form of
@@ -1161,8 +1173,12 @@ def _scan_kernel(
             tl.store(crm_ptr + ws, rmc)
             tl.store(crs_ptr + ws, roth)
         if ANY_PLAIN:
-            kbest = tl.max(kb)
-            ibest = tl.min(tl.where(kb == kbest, ki, INT32_MAX))
+            kbest = m_row
+            ibest = gi
+            if ANY_GUMBEL:
+                kg = tl.max(kb)
+                kbest = tl.where(gum_row, kg, kbest)
+                ibest = tl.where(gum_row, tl.min(tl.where(kb == kg, ki, INT32_MAX)), ibest)
             tl.store(ckey_ptr + ws, kbest)
             tl.store(cid_ptr + ws, ibest)
         if ANY_TRUNC:
@@ -1180,8 +1196,9 @@ def _scan_kernel(
                 dst0 = base + tl.cumsum(nj, 0) - nj
                 for d in range(0, tl.max(nj)):
                     mk = d < nj
-                    val = tl.load(pv_ptr + pbase + d * TILE + lanes, mask=mk, other=0.0)
-                    idx = tl.load(pi_ptr + pbase + d * TILE + lanes, mask=mk, other=0)
+                    pk = tl.load(pc_ptr + pbase + d * TILE + lanes, mask=mk, other=0)
+                    val = (pk & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+                    idx = (pk >> 32).to(tl.int32)
                     if HAS_TEMP:
                         val = _div(val, T, Y, FAST)
                     dst = dst0 + d
