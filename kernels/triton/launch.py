@@ -29,10 +29,10 @@ class Config:
     #: per-tile reductions are shuffles without block barriers).
     tile: int = 256
     scan_warps: int = 1
-    #: Pipeline stages of the scan's tile loop: > 1 uses tl.range's software pipeline (cp.async
-    #: copies stages - 1 tiles ahead into shared memory, holding no registers); 1 loads the next
-    #: tile into registers by hand. 3: S2 113 -> 105 us at B = 256, 393 -> 362 us at B = 1024
-    #: (bench/NOTES.md, v11).
+    #: Pipeline stages of the scan's tile loop (tl.range's software pipeline: cp.async copies
+    #: stages - 1 tiles ahead into shared memory, holding no registers; 1: no prefetch). 3 against
+    #: the former prefetch of one tile into registers by hand: S2 113 -> 105 us at B = 256,
+    #: 393 -> 362 us at B = 1024 (bench/NOTES.md, v11).
     scan_stages: int = 3
     #: Tile and warps of the top-n keys kernel.
     row_tile: int = 1024

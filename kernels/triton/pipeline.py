@@ -1087,26 +1087,15 @@ def _scan_kernel(
         gi = tl.zeros([], tl.int32)
         # Penalised tokens are masked in this loop (-inf: never the max, a candidate or a key)
         # and enter the row through the items above (_pen_chunk), so the loop reads only the
-        # bitmask words beside the logits. NS == 1: both loaded one tile ahead by hand, so a
-        # load is in flight while the previous tile computes; NS > 1: tl.range's pipeline
-        # copies NS - 1 tiles ahead into shared memory (cp.async), without holding registers.
-        if NS == 1:
-            xn = tl.load(x_row + start + lanes, mask=start + lanes < end, other=float("-inf"))
-            if HAS_PEN:
-                wn = _pen_words_tile(pen_row, start, end, TILE)
+        # bitmask words beside the logits. tl.range's software pipeline (NS stages) copies the
+        # next NS - 1 tiles into shared memory (cp.async) while this one computes, holding no
+        # registers (3 stages measured faster than a tile prefetched into registers by hand: v11).
         for s0 in tl.range(start, end, TILE, num_stages=NS):
             offs = s0 + lanes
             mask = offs < end
-            if NS == 1:
-                x = xn.to(tl.float32)
-                xn = tl.load(x_row + offs + TILE, mask=offs + TILE < end, other=float("-inf"))
-                if HAS_PEN:
-                    wc = wn
-                    wn = _pen_words_tile(pen_row, s0 + TILE, end, TILE)
-            else:
-                x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                if HAS_PEN:
-                    wc = _pen_words_tile(pen_row, s0, end, TILE)
+            x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            if HAS_PEN:
+                wc = _pen_words_tile(pen_row, s0, end, TILE)
             y = x
             if HAS_PEN:
                 y = tl.where(_bit(wc, offs), float("-inf"), x)
