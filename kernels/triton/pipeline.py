@@ -1094,11 +1094,9 @@ def _scan_kernel(
             offs = s0 + lanes
             mask = offs < end
             x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            if HAS_PEN:
-                wc = _pen_words_tile(pen_row, s0, end, TILE)
             y = x
             if HAS_PEN:
-                y = tl.where(_bit(wc, offs), float("-inf"), x)
+                y = tl.where(_bit(_pen_words_tile(pen_row, s0, end, TILE), offs), float("-inf"), x)
             # NaN-propagating max: one instruction flags NaN (and +inf shows in the max).
             ymax = tl.maximum(ymax, y, propagate_nan=tl.PropagateNan.ALL)
             if NEED_S or ANY_GUMBEL:
