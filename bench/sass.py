@@ -1,6 +1,7 @@
 """Compile the Triton pipeline's kernels for sm_90 on a machine without a GPU, and count.
 
-    python bench/sass.py [--scenario S2] [--rows 256] [--vocab 151936] [--dump DIR]   (DIR: SASS, PTX, TTGIR)
+    python bench/sass.py [--scenario S2] [--rows 256] [--vocab 151936] [--dtype bfloat16] [--dump DIR]
+    (DIR: SASS, PTX, TTGIR)
 
 Runs one sampler call under TRITON_INTERPRET=1 (in a subprocess) to record each launch's
 arguments, then compiles the same launches with Triton's ahead-of-time path for an H100
@@ -28,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = ["_prep_kernel", "_scan_kernel", "_finish_kernel"]
 
 
-def record(scenario: str, rows: int, vocab: int, path: str) -> None:
+def record(scenario: str, rows: int, vocab: int, dtype: str, path: str) -> None:
     """(interpreter process) One call; write each kernel launch's argument types and values."""
     import torch
     from bench_gpu import sampler_call, scenario_inputs  # (bench/ is the script's directory)
@@ -73,7 +74,7 @@ def record(scenario: str, rows: int, vocab: int, path: str) -> None:
         setattr(K, name, Rec(name, getattr(K, name)))
     # the benchmark's inputs and call (bench_gpu; S3c prefills the cache, then records a decode step)
     fn = sampler_call(Sampler, "triton", scenario, scenario_inputs(rows, vocab, torch.as_tensor),
-                      [torch.randn(rows, vocab)])
+                      [torch.randn(rows, vocab).to(getattr(torch, dtype))])
     try:
         fn(0)
     except Exception:
@@ -180,17 +181,18 @@ def main():
     ap.add_argument("--scenario", default="S2", choices=["S1", "S2", "S3", "S3c", "S4"])
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--dump")
     ap.add_argument("--config", default="", help="launch.Config overrides, e.g. stages=3,tile=512")
     ap.add_argument("--record", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.record:
-        record(args.scenario, args.rows, args.vocab, args.record)
+        record(args.scenario, args.rows, args.vocab, args.dtype, args.record)
         return
     path = "/tmp/sass_launches.json"
     env = dict(os.environ, TRITON_INTERPRET="1", SASS_CONFIG=args.config)
     subprocess.run([sys.executable, __file__, "--scenario", args.scenario, "--rows", str(args.rows), "--vocab",
-                    str(args.vocab), "--record", path], env=env, check=True)
+                    str(args.vocab), "--dtype", args.dtype, "--record", path], env=env, check=True)
     os.environ.pop("TRITON_INTERPRET", None)
     compile_all(path, args.dump)
 

@@ -126,6 +126,12 @@ def _chunking(rows: int, vocab: int, cfg: Config, nprog: int):
     return triton.cdiv(vocab, length), length
 
 
+def _vec(x, tile: int) -> int:
+    """Elements per lane per 16-byte load of a one-warp scan tile (the layout that
+    pipeline._lane_max reads its lanes' maxima from)."""
+    return max(1, min(16 // x.element_size(), tile // 32))
+
+
 def _regs(warps_per_sm: int) -> int:
     """Registers per thread that let ``warps_per_sm`` warps share an SM's 64K."""
     return min(255, 65536 // (32 * warps_per_sm)) // 8 * 8
@@ -320,7 +326,7 @@ def run(step):
         *hist, *seeds, ws["ythr"], ws["ncand"], ws["pc"], ws["cval"], ws["cidx"], cfg.cap,
         PREP=prep, **hflags,
         HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile,
+        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, VEC=_vec(x, cfg.tile),
         D=cfg.emit_depth, TABLE=table, NS=cfg.scan_stages, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
         # every persistent program must be resident at once: cap the registers so that
         # programs_per_sm of them fit in the SM's 64K (a 16th program left over to a second

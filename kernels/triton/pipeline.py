@@ -197,6 +197,21 @@ def _lg2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _lane_max(y, TILE: tl.constexpr, VEC: tl.constexpr):
+    """Each lane's NaN-propagating max over its own elements of a one-warp tile, as [32]. The
+    tile's layout gives lane l the VEC-element vectors l, l + 32, ..., so the reshape moves no
+    data and the maxima take no shuffle: a vote (a REDUX) over these 32 values replaces a
+    compare per element and a reduction of all TILE of them."""
+    R: tl.constexpr = TILE // (32 * VEC)
+    return tl.reduce(tl.reduce(tl.reshape(y, [R, 32, VEC]), 2, _max_nan), 0, _max_nan)
+
+
+@triton.jit
 def _u_mantissa(key, offs):
     """The top 23 bits m of each token's hash (the stream's uniform is u = (2m+1) 2**-24)."""
     return rs.token_bits(key, offs.to(tl.uint32)) >> 9
@@ -994,8 +1009,8 @@ def _scan_kernel(
     PREP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr,
-    NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, D: tl.constexpr, TABLE: tl.constexpr,
-    NS: tl.constexpr, PDL: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, TILE: tl.constexpr, VEC: tl.constexpr, D: tl.constexpr,
+    TABLE: tl.constexpr, NS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Persistent: program p takes work items p, p + P, ... (item w is chunk w // B of row
     w % B).
@@ -1066,7 +1081,7 @@ def _scan_kernel(
         pbase = (b64 + c * B) * (D * TILE)  # item w = c * B + b, in int64
         ccnt = tl.zeros([TILE], tl.int32)
 
-        ymax = tl.full([TILE], float("-inf"), tl.float32)
+        ymax = tl.full([32], float("-inf"), tl.float32)
         # Row log-sum-exp against the running chunk max m_row (a scalar, raised tile by tile):
         # s_vec sums exp(z - m_row) over elements strictly below it; elements equal to m_row
         # are counted in n_at, and former maxima, once overtaken, move to s_extra. The sum of
@@ -1097,15 +1112,25 @@ def _scan_kernel(
             y = x
             if HAS_PEN:
                 y = tl.where(_bit(_pen_words_tile(pen_row, s0, end, TILE), offs), float("-inf"), x)
-            # NaN-propagating max: one instruction flags NaN (and +inf shows in the max).
-            ymax = tl.maximum(ymax, y, propagate_nan=tl.PropagateNan.ALL)
+            # The lanes' own maxima (NaN-propagating: they flag NaN, and +inf shows in them) feed
+            # the chunk max and the votes below: one compare per lane, not per element.
+            lm = _lane_max(y, TILE, VEC)
+            ymax = _max_nan(ymax, lm)
+            if ANY_GUMBEL:
+                # exp(z - kb_row) = e * exp(m_row / T - kb_row), against this tile's starting
+                # m_row (as e below); 0.1% slack covers the rounding.
+                cb = tl.where(kb_row == float("-inf"), float("inf"),
+                              tl.exp2((m_row * ys - kb_row) * LOG2E) * 1.001)
             if NEED_S or ANY_GUMBEL:
+                # exp(z - m_row) against the running max as this tile starts (the common case
+                # keeps it; a tile that raises the max recomputes its own terms)
+                e = tl.exp2(tl.fma(y, c2, -ml2))
                 # The running max rises in few tiles: a vote (one integer reduction) finds them,
                 # and only they reduce the tile's max across the lanes and count the elements at
                 # the max. (A NaN makes the sum NaN; its row is invalid through its flag.) One
                 # vote for this and the Gumbel test below measured slower than two (v11).
-                if _vote_bits(y - m_row) >= 0:  # some y >= m_row (y - y is +0)
-                    tmax = tl.max(y)
+                if _vote_bits(lm - m_row) >= 0:  # some y >= m_row (y - y is +0)
+                    tmax = tl.max(lm)
                     if tmax > m_row:
                         if ANY_PLAIN:
                             # greedy rows' argmax: the first token at the new max (an equal
@@ -1118,31 +1143,27 @@ def _scan_kernel(
                         m_row = tmax
                         ml2 = tmax * c2
                     n_at += tl.sum((y == m_row).to(tl.float32))
-                    e = tl.exp2(tl.fma(y, c2, -ml2))
                     if NEED_S:
-                        s_vec += tl.where(y < m_row, e, 0.0)
+                        s_vec += tl.where(y < m_row, tl.exp2(tl.fma(y, c2, -ml2)), 0.0)
                 else:
-                    e = tl.exp2(tl.fma(y, c2, -ml2))
                     if NEED_S:
                         s_vec += e
             if NEED_RAW:
                 rs_vec = _lse_update(rs_vec, rm_vec, x)
                 rm_vec = tl.maximum(rm_vec, x)
             if ANY_TRUNC:
-                sel = y >= yth
-                if tl.max(sel.to(tl.int32)) > 0:
+                # a candidate y >= yth in some lane (the lanes' maxima decide; NaN votes yes)
+                if _vote_bits(lm - yth) >= 0:
+                    sel = y >= yth
                     slot = pbase + ccnt * TILE + lanes
                     keep = sel & (ccnt < D)
                     tl.store(pc_ptr + slot, _pack_candidate(y, offs, FAST), mask=keep)
                     ccnt += sel.to(tl.int32)
             if ANY_GUMBEL:
                 if gum_row:
-                    # exp(z - kb_row) = e * exp(m_row / T - kb_row); 0.1% slack covers the rounding.
                     # A token can only beat kb_row where v < thr (thr = e * cb): after the first
                     # tiles almost no tile has one, so a vote over a cheap conservative form of
                     # that test (on the uniform's bits, before any log) skips the whole tile.
-                    cb = tl.where(kb_row == float("-inf"), float("inf"),
-                                  tl.exp2((m_row * ys - kb_row) * LOG2E) * 1.001)
                     hm = _u_mantissa(rk, offs)
                     if _vote_bits(_beat_margin(hm, e, cb)) > 0:
                         u, v = _uv_m(hm)
