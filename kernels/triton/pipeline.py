@@ -203,10 +203,11 @@ def _max_nan(a, b):
 
 @triton.jit
 def _lane_max(y, TILE: tl.constexpr, VEC: tl.constexpr):
-    """Each lane's NaN-propagating max over its own elements of a one-warp tile, as [32]. The
-    tile's layout gives lane l the VEC-element vectors l, l + 32, ..., so the reshape moves no
-    data and the maxima take no shuffle: a vote (a REDUX) over these 32 values replaces a
-    compare per element and a reduction of all TILE of them."""
+    """Each lane's NaN-propagating max over its own elements of a one-warp tile, as [32]. When
+    the rows are 16-byte aligned, the tile's layout gives lane l the VEC-element vectors l,
+    l + 32, ..., so the reshape moves no data and the maxima take no shuffle: a vote (a REDUX)
+    over these 32 values replaces a compare per element and a reduction of all TILE of them.
+    (Any other layout gives the same values through a layout conversion, only slower.)"""
     R: tl.constexpr = TILE // (32 * VEC)
     return tl.reduce(tl.reduce(tl.reshape(y, [R, 32, VEC]), 2, _max_nan), 0, _max_nan)
 
