@@ -835,7 +835,7 @@ def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, t
         ok = (t >= 0) & (t < V) & (i < hi)
         ts = tl.where(ok, t, 0).to(tl.int32)
         y = tl.where(ok, y, float("-inf"))
-        ymax = tl.maximum(ymax, y, propagate_nan=tl.PropagateNan.ALL)
+        ymax = _max_nan(ymax, y)
         if NEED_S:
             z = y * ys
             s_vec = _lse_update(s_vec, m_vec, z)
@@ -1039,7 +1039,7 @@ def _scan_kernel(
             S = R
             id_src = rep_ptr + b64 * rep_stride
         else:
-            S, slot_row, id_src = _raw_slots(pen_row, W, RS)
+            S, _, id_src = _raw_slots(pen_row, W, RS)
         yth = tl.full([], float("inf"), tl.float32)
         if ANY_TRUNC:
             yth = tl.load(ythr_ptr + b)
