@@ -2,7 +2,8 @@
 
     ncu ... python3 bench/ncu_calls.py --rows 256 --scenarios S1 S2 S3
 
-Each scenario is called twice on fresh randn*3 logits (the first call compiles); ncu's
+Each scenario is called twice on fresh randn*3 logits (the first call compiles; S3c: a prefill,
+then three decode steps); ncu's
 ``--launch-skip`` / kernel filters pick the launches. Prints nothing of interest itself.
 """
 
@@ -33,7 +34,12 @@ def main():
     for sc in args.scenarios:
         s = Sampler(backend="triton", seed=1)
         d = data if sc in ("S3", "S4") else None
-        for _ in range(2):
+        calls = 2
+        if sc == "S3c":
+            # the prefill fills the request cache; then three decode steps from its state
+            s(x, inputs["prefill"], prm[sc])
+            d, calls = inputs["decode"], 3
+        for _ in range(calls):
             s(x, d, prm[sc])
         torch.cuda.synchronize()
 

@@ -51,6 +51,11 @@ class Config:
     #: randn-like rows at every batch size (bench/NOTES.md, v7). Memory: 8 bytes per slot,
     #: ~69 MB for one wave of 2112 work items (an H100 at 16 programs per SM).
     emit_depth: int = 16
+    #: Scan work items per row for the penalised tokens' slots (pipeline._pen_chunk), each over
+    #: an equal share of the slots. They run before the chunks, so their serial tiles delay the
+    #: chunks of the programs that take them: 8 short items per row at every batch size (the
+    #: former single item of 8 tiles at B >= 128 cost the bf16 S3c scan ~20 us, NOTES v13).
+    pen_items: int = 8
     #: Persistent scan programs per SM (the scan grid is SMs x this, or the work items).
     programs_per_sm: int = 16
     #: A chunk spans >= min_chunk_tiles tiles.
@@ -262,12 +267,12 @@ def run(step):
     nprog = cfg.programs_per_sm * _sms(dev)
     pdl = _pdl(dev, cfg)
     chunks, chunk_len = _chunking(rows, vocab, cfg, nprog)
-    # With penalties the scan's chunks mask the penalised tokens, and pen_items more items per row
-    # take the penalty table's slots (pipeline._pen_chunk): up to 8 at small batches, where
-    # their latency matters, 1 from 128 rows on. A function of the batch size alone, like the
-    # chunks: a growing history changes no workspace shape and no kernel variant.
+    # With penalties the scan's chunks mask the penalised tokens, and cfg.pen_items more items
+    # per row take the penalty table's slots (pipeline._pen_chunk). A constant, like the chunks
+    # a function of the batch size alone: a growing history changes no workspace shape and no
+    # kernel variant.
     slots = (R if table else R + O) if pen else 0
-    pen_items = max(1, min(8, nprog // rows // 16)) if pen else 0
+    pen_items = cfg.pen_items if pen else 0
     span = triton.cdiv(triton.cdiv(slots, max(pen_items, 1)), cfg.tile) * cfg.tile
     nitems = rows * (chunks + pen_items)
     nprog = min(nitems, nprog)

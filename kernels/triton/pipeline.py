@@ -410,6 +410,14 @@ def _pen_words_tile(pen_row, o0, end, TILE: tl.constexpr):
 
 
 @triton.jit
+def _pen_tile(pen_row, o0, end, onebit, TILE: tl.constexpr):
+    """Whether each token o0 + i of a tile is penalised, for o0 a multiple of 32: bit i % 32 of
+    its word, tested against ``onebit`` = 1 << (i % 32), which the caller computes once for
+    all tiles (an AND per token instead of a shift, an AND and a compare on o0 + i)."""
+    return (_pen_words_tile(pen_row, o0, end, TILE) & onebit) != 0
+
+
+@triton.jit
 def _pen_value(pen_row, word, pre, offs, mask, W, FAST: tl.constexpr, CM: tl.constexpr):
     """(hit, penalised value before the temperature) from a token's bitmask word and prefix."""
     hit = _bit(word, offs) & mask
@@ -808,7 +816,7 @@ def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, t
     ``ws``), from its table: token ids ``id_src`` (< 0 or >= V: empty), penalised values ``zrow``.
 
     The scan's chunks mask these tokens (a bit test per token instead of a rank and a load: S3's
-    scan took 99 us against S2's 86 at B = 256, bench/NOTES.md v10), and 1-8 more work items per
+    scan took 99 us against S2's 86 at B = 256, bench/NOTES.md v10), and a few more work items per
     row compute here what their loop would have had for them: the max and NaN flag, the sum
     of exp(z - max) below the max (per lane online, as :func:`_lse_update`), the best key (the
     chunks' `_gumbel_key`, or greedy; the lowest id on ties) and the candidates y >= yth, copied
@@ -1026,10 +1034,14 @@ def _scan_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lanes = tl.arange(0, TILE)
+    # Chunks start at multiples of TILE, so token s0 + i of a tile has bit i % 32 of its bitmask
+    # word: the bit masks of the penalty test are the same for every tile.
+    tl.static_assert(TILE % 32 == 0)
+    onebit = tl.full([TILE], 1, tl.int32) << (lanes & 31)
     # Work items g = pid, pid + P, ...: first NP = B * (CS - C) items of SPAN slots of the rows'
-    # penalised tokens (the chunks mask them; a row's slots split over up to 8 items at small B,
-    # where one item over 2048 slots took 13.7 us serially, longer than the chunks), then the
-    # chunks.
+    # penalised tokens (the chunks mask them; a row's slots split over several short items: one
+    # item over 2048 slots took 13.7 us serially, and delayed its program's chunk by as much),
+    # then the chunks.
     for g in range(pid, NP, nprog):
         j = g // B
         b = g - j * B
@@ -1112,7 +1124,7 @@ def _scan_kernel(
             x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
             y = x
             if HAS_PEN:
-                y = tl.where(_bit(_pen_words_tile(pen_row, s0, end, TILE), offs), float("-inf"), x)
+                y = tl.where(_pen_tile(pen_row, s0, end, onebit, TILE), float("-inf"), x)
             # The lanes' own maxima (NaN-propagating: they flag NaN, and +inf shows in them) feed
             # the chunk max and the votes below: one compare per lane, not per element.
             lm = _lane_max(y, TILE, VEC)
