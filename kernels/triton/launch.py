@@ -52,9 +52,10 @@ class Config:
     #: ~69 MB for one wave of 2112 work items (an H100 at 16 programs per SM).
     emit_depth: int = 16
     #: Scan work items per row for the penalised tokens' slots (pipeline._pen_chunk), each over
-    #: an equal share of the slots. They run before the chunks, so their serial tiles delay the
-    #: chunks of the programs that take them: 8 short items per row at every batch size (the
-    #: former single item of 8 tiles at B >= 128 cost the bf16 S3c scan ~20 us, NOTES v13).
+    #: an equal share of the slots; they run before the chunks, delaying the chunks of the
+    #: programs that take them by their serial tiles. 8 at every batch size: against one item
+    #: at B >= 128 (the former rule), S4's scan -4 to -6 us at B = 256, S3 / S3c unchanged
+    #: (bench/NOTES.md, v13).
     pen_items: int = 8
     #: Persistent scan programs per SM (the scan grid is SMs x this, or the work items).
     programs_per_sm: int = 16
