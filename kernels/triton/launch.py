@@ -269,8 +269,8 @@ def run(step):
     pdl = _pdl(dev, cfg)
     chunks, chunk_len = _chunking(rows, vocab, cfg, nprog)
     # With penalties the scan's chunks mask the penalised tokens, and cfg.pen_items more items
-    # per row take the penalty table's slots (pipeline._pen_chunk). A constant, like the chunks
-    # a function of the batch size alone: a growing history changes no workspace shape and no
+    # per row take the penalty table's slots (pipeline._pen_chunk). A constant (the chunks
+    # depend on the batch size alone): a growing history changes no workspace shape and no
     # kernel variant.
     slots = (R if table else R + O) if pen else 0
     pen_items = cfg.pen_items if pen else 0

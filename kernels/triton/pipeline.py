@@ -1039,9 +1039,9 @@ def _scan_kernel(
     tl.static_assert(TILE % 32 == 0)
     onebit = tl.full([TILE], 1, tl.int32) << (lanes & 31)
     # Work items g = pid, pid + P, ...: first NP = B * (CS - C) items of SPAN slots of the rows'
-    # penalised tokens (the chunks mask them; a row's slots split over several short items: one
-    # item over 2048 slots took 13.7 us serially, and delayed its program's chunk by as much),
-    # then the chunks.
+    # penalised tokens (the chunks mask them; a row's slots split over several short items: at
+    # B = 1 one item over 2048 slots took 13.7 us serially, longer than the chunks), then the
+    # chunks.
     for g in range(pid, NP, nprog):
         j = g // B
         b = g - j * B
