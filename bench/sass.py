@@ -1,7 +1,7 @@
 """Compile the Triton pipeline's kernels for sm_90 on a machine without a GPU, and count.
 
     python bench/sass.py [--scenario S2] [--rows 256] [--vocab 151936] [--dtype bfloat16] [--dump DIR]
-    (DIR: SASS, PTX, TTGIR)
+    (DIR: SASS, PTX, TTGIR, cubin: ``nvdisasm -g -c`` maps SASS offsets to lines)
 
 Runs one sampler call under TRITON_INTERPRET=1 (in a subprocess) to record each launch's
 arguments, then compiles the same launches with Triton's ahead-of-time path for an H100
@@ -67,7 +67,11 @@ def record(scenario: str, rows: int, vocab: int, dtype: str, path: str) -> None:
                     else:
                         consts[k] = v
                 seen[self.name] = dict(sig=sig, consts=consts)
-                # no need to run the kernel: only its arguments are wanted
+                # no need to run the kernel: only its arguments are wanted (but rows must look
+                # valid, or the call before the recorded one raises: status 0, token 0)
+                for p, a in zip(params, args):
+                    if p.name in ("status_ptr", "tok_ptr"):
+                        a.zero_()
             return call
 
     for name in KERNELS:
@@ -144,6 +148,7 @@ def compile_all(path: str, dump: str | None) -> None:
             open(os.path.join(dump, name + ".sass"), "w").write(sass)
             open(os.path.join(dump, name + ".ptx"), "w").write(ck.asm["ptx"])
             open(os.path.join(dump, name + ".ttgir"), "w").write(ck.asm["ttgir"])
+            open(os.path.join(dump, name + ".cubin"), "wb").write(ck.asm["cubin"])
 
 
 def _sass(ck) -> str:

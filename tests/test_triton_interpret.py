@@ -265,17 +265,18 @@ def test_code_path_matches_reference(path, monkeypatch):
     np.testing.assert_array_equal(debug["status"].numpy(), expected)
 
 
-@pytest.mark.parametrize("regs,pairs", [(1, 1), (1, 256), (256, 1), (256, 256)])
-def test_finish_register_and_chunked_paths(regs, pairs, monkeypatch):
-    # candidates held in registers or read in chunks; top-p by comparing all pairs of top-k
-    # survivors or by bisection: the same results, all on the candidate path (status 0)
+@pytest.mark.parametrize("regs,low,pairs", [(1, 1, 1), (1, 1, 256), (256, 1, 1), (256, 256, 256), (256, 16, 256)])
+def test_finish_register_and_chunked_paths(regs, low, pairs, monkeypatch):
+    # candidates held in registers (arrays of finish_regs or of finish_regs_low slots) or read
+    # in chunks; top-p by comparing all pairs of top-k survivors or by bisection: the same
+    # results, all on the candidate path (status 0)
     launch = _launch()
     debug = {}
     monkeypatch.setattr(launch, "DEBUG", debug)
     x = logits(4, 200, seed=21, ties=True)
     param = SamplingParam.from_numpy(top_k=np.array([3, 40, 0, 17]), top_p=np.array([0.7, 0.95, 1.0, 0.5]),
                                      min_p=np.array([0.0, 0.0, 0.02, 0.01]), seed=np.array([4, 5, 6, 7]))
-    with launch.use_config(sample=256, finish_regs=regs, finish_pairs=pairs, cap=256):
+    with launch.use_config(sample=256, finish_regs=regs, finish_regs_low=low, finish_pairs=pairs, cap=256):
         ours, ref = run_both(x, param, n=2)
     assert_same(ours, ref, n=2)
     np.testing.assert_array_equal(debug["status"].numpy(), [0, 0, 0, 0])
@@ -421,6 +422,47 @@ def test_penalties_use_out_counts_and_given_positions():
     ref = reference.sample(x.numpy(), param.arrays, out_ids=out, out_counts=counts, pos=pos, sampler_seed=1)
     np.testing.assert_array_equal(tok.numpy(), ref[1])
     np.testing.assert_allclose(lp.numpy(), ref[0], rtol=1e-5, atol=1e-6)
+
+
+def test_cache_table_insertions_match_the_stateless_path():
+    """The prep's insertion of the cache's pending token and its table pass over several blocks
+    of 16 columns: new ids inserted at the front, at a block boundary, in the middle and at the
+    end, known ids counted again, against the stateless path over the raw ids. Every processed value is in the
+    top-n lists (n = V), so a wrong penalised value or a lost table entry shows."""
+    rows, vocab = 4, 96
+    rng = np.random.default_rng(12)
+    # 40 distinct even ids 8..86 (then repeats): an odd id 2r + 7 is new, with rank r
+    prompt = np.concatenate([np.tile(np.arange(8, 88, 2), (rows, 1)), rng.integers(8, 88, (rows, 20)) // 2 * 2], 1)
+    out = np.array([[10, 12, 12], [14, 9, 20], [30, 30, 30], [86, 8, 40]])
+    new = np.array([
+        [0, 1, 95, 8],  # front, front, end, known
+        [2 * 16 + 7, 38, 2 * 13 + 7, 2 * 16 + 9],  # rank 16 (a block boundary), known, middle
+        [7, 87, 2 * 15 + 7, 40],
+        [2 * 32 + 7, 2 * 31 + 7, 41, 9],
+    ])
+    param = SamplingParam.from_numpy(
+        repetition_penalty=np.array([1.3, 0.8, 1.5, 1.1]), frequency_penalty=np.array([0.5, 0.25, 0.0, 1.0]),
+        presence_penalty=np.array([0.3, 0.0, 0.7, 0.1]), temperature=np.array([0.9, 1.0, 1.3, 0.7]),
+        seed=np.arange(rows) + 5,
+    )
+    rids = np.arange(rows) + 40
+    cached = Sampler(backend="triton", seed=3, num_logprobs=vocab, logprobs_mode="processed")
+    stateless = Sampler(backend="triton", seed=3, num_logprobs=vocab, logprobs_mode="processed")
+    for step in range(new.shape[1] + 1):
+        x = torch.from_numpy(logits(rows, vocab, seed=30 + step))
+        hist = np.concatenate([prompt, out], 1)
+        full = SamplingData.from_numpy(all_input_ids=hist, output_ids=out)
+        data = SamplingData.from_numpy(all_input_ids=hist, output_ids=out, request_ids=rids, is_prefill=step == 0)
+        got, want = cached(x, data, param), stateless(x, full, param)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), step
+        if step < new.shape[1]:
+            out = np.concatenate([out, new[:, step : step + 1]], 1)
+    table = cached.cache.table
+    assert table.ids.shape[1] > 3 * 16  # (several blocks)
+    for row, o in zip(table.ids.numpy(), out):
+        ids = np.unique(np.concatenate([prompt[0], o]))
+        np.testing.assert_array_equal(row[: len(ids)], ids)
 
 
 def test_huge_history_and_empty_history():

@@ -68,8 +68,11 @@ class Config:
     #: finish_regs = cap keeps every row on the register path: with 1024, the ~0.1% of rows
     #: with more candidates (their count is ~37 x Gamma(14) at k = 50) took the chunked path,
     #: and at B = 256 one such row set the kernel's time (S2 finish 24.5 -> 14.9 us, v7).
+    #: Rows with <= finish_regs_low candidates (nearly all: ~520 on average) use arrays of that
+    #: size (0: one tier): finish 16.0 -> 14.9 us fp32, 18.0 -> 16.0 bf16 at B = 256 (v14).
     finish_tile: int = 128
     finish_regs: int = 2048
+    finish_regs_low: int = 1024
     finish_pairs: int = 64
     finish_warps: int = 4
     #: Tile of the exact fallback, which runs in the finish's program (16 digit bins per
@@ -89,7 +92,7 @@ GPU_CONFIG = Config()
 #: Small shapes under TRITON_INTERPRET=1, so that CPU tests visit every code path.
 INTERPRET_CONFIG = Config(tile=32, prep_block=16, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64,
                           programs_per_sm=2, min_chunk_tiles=1, emit_depth=4, finish_tile=16, finish_regs=32,
-                          finish_pairs=8, fallback_tile=32)
+                          finish_regs_low=16, finish_pairs=8, fallback_tile=32)
 
 _override: Optional[Config] = None
 #: Tests set this to a dict to receive a copy of each row's status after the call
@@ -347,7 +350,8 @@ def run(step):
         ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], ws["cw"], cfg.cap,
         tok, lp, ws["status"], ws["tau"], ws["lse"], counter,
         MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(stats), FT=cfg.finish_tile, FR=cfg.finish_regs,
+        NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(stats), FT=cfg.finish_tile,
+        FRL=min(cfg.finish_regs_low or cfg.finish_regs, cfg.finish_regs), FR=cfg.finish_regs,
         NKP=cfg.finish_pairs, TILE=cfg.fallback_tile,
         PDL=pdl, launch_pdl=pdl, num_warps=cfg.finish_warps, enable_fp_fusion=False,
     )

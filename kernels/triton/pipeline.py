@@ -1251,17 +1251,40 @@ def _compact(v, idx, w, sel, nk, row, cval_ptr, cidx_ptr, cw_ptr):
 
 
 @triton.jit
+def _top_k_regs(row, cnt, k, th, m, kth_ok, cval_ptr, cidx_ptr, cw_ptr, N: tl.constexpr):
+    """The register path of :func:`_candidates_row` over cnt <= N candidates: (total mass, max
+    key, the k-th largest key, the number of top-k survivors, their mass), the survivors
+    compacted to the front of the row's lists."""
+    i = tl.arange(0, N)
+    ok = i < cnt
+    v = tl.load(cval_ptr + row + i, mask=ok, other=float("-inf"))
+    keys = _okey(v)
+    w = tl.where(ok, _wfix(v, m), 0)
+    mass = tl.sum(w)
+    kmax = tl.max(tl.where(ok, keys, INT32_MIN))
+    kcut = tl.full([], INT32_MIN, tl.int32)
+    if kth_ok:
+        kcut = _key_search(keys, ok, k, k, _okey(th).to(tl.int64), kmax.to(tl.int64), 1)
+    idx = tl.load(cidx_ptr + row + i, mask=ok, other=0)
+    sel = ok & (keys >= kcut)
+    nk = _compact(v, idx, w, sel, tl.zeros([], tl.int32), row, cval_ptr, cidx_ptr, cw_ptr)
+    kmass = tl.sum(tl.where(sel, w, 0))
+    return mass, kmax, kcut, nk, kmass
+
+
+@triton.jit
 def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
-                    rowkey_ptr, CAP, NEED_S: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr,
+                    rowkey_ptr, CAP, NEED_S: tl.constexpr, FT: tl.constexpr, FRL: tl.constexpr, FR: tl.constexpr,
                     NKP: tl.constexpr):
     """Exact top-k / top-p / min-p and the Gumbel-max choice over a row's candidates (every
     z >= theta). Returns (status, token, logprob, tau, lse); status 2 when the candidates do not
     provably hold every survivor (the finish then runs the exact fallback on the row).
 
-    Up to FR candidates are held in registers (the k-th value by a bisection that stops once
-    exactly k keys are above it), more are read in chunks of FT slots. The top-k survivors are
-    then compacted to the front of the row's lists; top-p over <= NKP of them compares every
-    pair (no bisection), over more it bisects chunk by chunk. Masses exp(z - m) are int64 fixed
+    Up to FR candidates are held in registers, in arrays of FRL <= FR slots where they fit (the
+    per-step work of the register arrays is the finish's latency); the k-th value by a bisection
+    that stops once exactly k keys are above it; more are read in chunks of FT slots. The top-k
+    survivors are then compacted to the front of the row's lists; top-p over <= NKP of them
+    compares every pair (no bisection), over more it bisects chunk by chunk. Masses exp(z - m) are int64 fixed
     point (2**-40), so sums do not depend on the order in which the scan appended candidates."""
     b64 = b.to(tl.int64)
     row = b64 * CAP
@@ -1276,21 +1299,10 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
     lanes = tl.arange(0, FT)
     kth_ok = active_k & (k <= cnt)
     if (th < float("inf")) & (cnt <= CAP):
-        if cnt <= FR:
-            i = tl.arange(0, FR)
-            ok = i < cnt
-            v = tl.load(cval_ptr + row + i, mask=ok, other=float("-inf"))
-            keys = _okey(v)
-            w = tl.where(ok, _wfix(v, m), 0)
-            mass = tl.sum(w)
-            kmax = tl.max(tl.where(ok, keys, INT32_MIN))
-            kcut = tl.full([], INT32_MIN, tl.int32)
-            if kth_ok:
-                kcut = _key_search(keys, ok, k, k, _okey(th).to(tl.int64), kmax.to(tl.int64), 1)
-            idx = tl.load(cidx_ptr + row + i, mask=ok, other=0)
-            sel = ok & (keys >= kcut)
-            nk = _compact(v, idx, w, sel, tl.zeros([], tl.int32), row, cval_ptr, cidx_ptr, cw_ptr)
-            kmass = tl.sum(tl.where(sel, w, 0))
+        if cnt <= FRL:
+            mass, kmax, kcut, nk, kmass = _top_k_regs(row, cnt, k, th, m, kth_ok, cval_ptr, cidx_ptr, cw_ptr, FRL)
+        elif cnt <= FR:
+            mass, kmax, kcut, nk, kmass = _top_k_regs(row, cnt, k, th, m, kth_ok, cval_ptr, cidx_ptr, cw_ptr, FR)
         else:
             mass = tl.zeros([], tl.int64)
             kmax = tl.full([], INT32_MIN, tl.int32)
@@ -1416,7 +1428,7 @@ def _finish_kernel(
     tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, call_ptr,
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
-    CP: tl.constexpr, FT: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr, TILE: tl.constexpr,
+    CP: tl.constexpr, FT: tl.constexpr, FRL: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr, TILE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """One row per program. Rows whose candidates do not cover the survivors keep status 2 and
@@ -1455,7 +1467,7 @@ def _finish_kernel(
             if ANY_TRUNC:
                 status, tok, lp, tau, lse = _candidates_row(
                     b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
-                    rowkey_ptr, CAP, NEED_S, FT, FR, NKP)
+                    rowkey_ptr, CAP, NEED_S, FT, FRL, FR, NKP)
         else:
             if ANY_PLAIN:
                 kc = tl.load(ckey_ptr + base + cc, mask=cc < C, other=float("-inf"))
