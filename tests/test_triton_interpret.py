@@ -427,8 +427,8 @@ def test_penalties_use_out_counts_and_given_positions():
 def test_cache_table_insertions_match_the_stateless_path():
     """The prep's insertion of the cache's pending token and its table pass over several blocks
     of 16 columns: new ids inserted at the front, at a block boundary, in the middle and at the
-    end, known ids counted again, against the stateless path over the raw ids. Every processed value is in the
-    top-n lists (n = V), so a wrong penalised value or a lost table entry shows."""
+    end, known ids counted again, against the stateless path over the raw ids. Every processed
+    value is in the top-n lists (n = V), so a wrong penalised value or a lost table entry shows."""
     rows, vocab = 4, 96
     rng = np.random.default_rng(12)
     # 40 distinct even ids 8..86 (then repeats): an odd id 2r + 7 is new, with rank r
