@@ -3,8 +3,8 @@
     ncu ... python3 bench/ncu_calls.py --rows 256 --scenarios S1 S2 S3
 
 Each scenario is called twice on fresh randn*3 logits (the first call compiles; S3c: a prefill,
-then three decode steps); ncu's
-``--launch-skip`` / kernel filters pick the launches. Prints nothing of interest itself.
+then three decode steps); ncu's ``--launch-skip`` / kernel filters pick the launches. Prints
+nothing of interest itself.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class Config:
     #: with more candidates (their count is ~37 x Gamma(14) at k = 50) took the chunked path,
     #: and at B = 256 one such row set the kernel's time (S2 finish 24.5 -> 14.9 us, v7).
     #: Rows with <= finish_regs_low candidates (nearly all: ~520 on average) use arrays of that
-    #: size (0: one tier): finish 16.0 -> 14.9 us fp32, 18.0 -> 16.0 bf16 at B = 256 (v14).
+    #: size (0: one tier): finish 15.9 -> 14.9 us fp32, 18.0 -> 16.0 bf16 at B = 256 (v14).
     finish_tile: int = 128
     finish_regs: int = 2048
     finish_regs_low: int = 1024

@@ -1284,8 +1284,9 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
     per-step work of the register arrays is the finish's latency); the k-th value by a bisection
     that stops once exactly k keys are above it; more are read in chunks of FT slots. The top-k
     survivors are then compacted to the front of the row's lists; top-p over <= NKP of them
-    compares every pair (no bisection), over more it bisects chunk by chunk. Masses exp(z - m) are int64 fixed
-    point (2**-40), so sums do not depend on the order in which the scan appended candidates."""
+    compares every pair (no bisection), over more it bisects chunk by chunk. Masses exp(z - m)
+    are int64 fixed point (2**-40), so sums do not depend on the order in which the scan
+    appended candidates."""
     b64 = b.to(tl.int64)
     row = b64 * CAP
     m64 = m.to(tl.float64)
