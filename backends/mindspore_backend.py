@@ -483,12 +483,45 @@ def choose_in_window(full: _Full, thr, window, plan: _Plan, step: Step):
 
 
 def choose(full: _Full, keep, step: Step) -> Tensor:
-    """Gumbel-max over survivors (all tokens when ``keep`` is None), lowest id on exact ties."""
+    """Gumbel-max over survivors (all tokens when ``keep`` is None), lowest id on exact ties;
+    rows without truncation in two levels (:func:`two_level`)."""
+    keys = row_keys(step)
+    host = step.host.arrays
+    plain = stream.two_level_rows(host, step.vocab)
+    if plain[~host["greedy"]].all():  # greedy rows take their argmax elsewhere
+        return two_level(full, keys, step)
     words = _TILE(ops.expand_dims(_token_words(step), 0), (step.rows, 1))
-    scores = gumbel_scores(full.z64, row_keys(step), words, step.rows, step.vocab)
+    scores = gumbel_scores(full.z64, keys, words, step.rows, step.vocab)
     if keep is not None:
         scores = ops.where(keep, scores, _NEG_INF)
-    return ops.argmax(scores, 1)
+    chosen = ops.argmax(scores, 1)
+    if plain.any():
+        chosen = ops.where(Tensor(plain), two_level(full, keys, step), chosen)
+    return chosen
+
+
+def two_level(full: _Full, keys: Tensor, step: Step) -> Tensor:
+    """The two-level choice of :mod:`sampling.stream` for every row: a block by Gumbel-max over
+    the blocks' float64 log-masses, then a token in it (the reference's formula)."""
+    rows, vocab, width = step.rows, step.vocab, stream.BLOCK
+    nb = -(-vocab // width)
+    z64 = full.z64
+    if nb * width > vocab:
+        z64 = ops.concat((z64, Tensor(np.full((rows, nb * width - vocab), -np.inf))), 1)
+    zb = ops.reshape(z64, (rows, nb, width))
+    top = ops.max(zb, 2)[0]
+    safe = ops.where(ops.isfinite(top), top, 0.0)
+    mass = top + ops.log(ops.sum(ops.exp(zb - ops.expand_dims(safe, 2)), 2))
+    words = _token_words(step)
+    bwords = _TILE(ops.expand_dims(mint.narrow(words, 0, 0, nb), 0), (rows, 1))
+    bkeys = mix32(ops.bitwise_xor(keys, _word(stream.BLOCK_SALT)))
+    block = ops.argmax(gumbel_scores(mass, bkeys, bwords, rows, nb), 1).astype(ms.int64)
+    cols = _col(block) * width + ops.expand_dims(ops.arange(0, width, dtype=ms.int64), 0)
+    inside = cols < vocab
+    cols = ops.clamp(cols, 0, vocab - 1)
+    tk = gumbel_scores(ops.gather_elements(full.z64, 1, cols), keys, ops.gather(words, cols, 0), rows, width)
+    tk = ops.where(inside, tk, _NEG_INF)
+    return _flat(ops.gather_elements(cols, 1, _col(ops.argmax(tk, 1).astype(ms.int64))))
 
 
 def top_n(lp: Tensor, n: int, rows: int, vocab: int):

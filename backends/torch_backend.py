@@ -180,11 +180,25 @@ def gumbel(keys: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
 
 
 def choose(zt: torch.Tensor, keep: torch.Tensor, keys: torch.Tensor, step: Step) -> torch.Tensor:
-    """Gumbel-max over survivors (lowest id on ties).
+    """Gumbel-max over survivors (lowest id on ties); rows without truncation in two levels
+    (:func:`two_level`).
 
     On the CPU, when every row's survivors lie inside its top-k window, only that window is
     hashed: the check reads the device, which is free there and a sync on a GPU.
     """
+    host = step.host.arrays
+    plain = stream.two_level_rows(host, step.vocab)
+    if plain.any():
+        two = two_level(zt, keys, step)
+        if plain[~host["greedy"]].all():  # greedy rows take their argmax elsewhere
+            return two
+        one = choose_survivors(zt, keep, keys, step)
+        return torch.where(torch.from_numpy(plain).to(zt.device), two, one)
+    return choose_survivors(zt, keep, keys, step)
+
+
+def choose_survivors(zt: torch.Tensor, keep: torch.Tensor, keys: torch.Tensor, step: Step) -> torch.Tensor:
+    """The one-level Gumbel-max of truncated rows."""
     host = step.host.arrays
     k_host = np.where((host["top_k"] > 0) & (host["top_k"] < step.vocab), host["top_k"], 0)
     window = int(k_host.max())
@@ -201,6 +215,29 @@ def choose(zt: torch.Tensor, keep: torch.Tensor, keys: torch.Tensor, step: Step)
     noise = gumbel(keys[:, None], _token_words(step)[None, :])
     scores = torch.where(keep, zt.to(torch.float64) + noise, torch.full_like(noise, -torch.inf))
     return torch.argmax(scores, dim=1)
+
+
+def two_level(zt: torch.Tensor, keys: torch.Tensor, step: Step) -> torch.Tensor:
+    """The two-level choice of :mod:`sampling.stream` for every row: a block of ``BLOCK`` ids by
+    Gumbel-max over the blocks' float64 log-masses, then a token in it by its own Gumbel-max
+    (the reference's formula, :func:`sampling.kernels.reference._two_level`)."""
+    rows, vocab = zt.shape
+    nb = -(-vocab // stream.BLOCK)
+    z64 = zt.to(torch.float64)
+    zb = torch.nn.functional.pad(z64, (0, nb * stream.BLOCK - vocab), value=-torch.inf)
+    zb = zb.view(rows, nb, stream.BLOCK)
+    top = zb.amax(dim=2)
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    mass = top + torch.exp(zb - safe[:, :, None]).sum(dim=2).log()
+    words = _token_words(step)
+    bkeys = stream.block_keys(keys)
+    J = torch.argmax(mass + gumbel(bkeys[:, None], words[None, :nb]), dim=1)
+    cols = J[:, None] * stream.BLOCK + torch.arange(stream.BLOCK, device=zt.device)[None, :]
+    inside = cols < vocab
+    cols = cols.clamp(max=vocab - 1)
+    tkey = z64.gather(1, cols) + gumbel(keys[:, None], words[cols])
+    tkey = torch.where(inside, tkey, torch.full_like(tkey, -torch.inf))
+    return cols.gather(1, torch.argmax(tkey, dim=1, keepdim=True))[:, 0]
 
 
 def invalid_rows(zt: torch.Tensor) -> torch.Tensor:

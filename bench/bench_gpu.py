@@ -387,10 +387,10 @@ def run(args):
             from sampling.kernels.triton import launch as tl_launch
 
             for spec in args.variant:
-                # NAME[@B]:field=value,...: on the first shape, or on every float32 shape with B rows
+                # NAME[@B]:field=value,...: on the first shape, or on every shape with B rows
                 name, _, kv = spec.partition(":")
                 name, _, only = name.partition("@")
-                if not (int(only) == rows and dtname == "float32" if only else first):
+                if not (int(only) == rows if only else first):
                     continue
                 changes = {k: int(float(v)) for k, v in (p.split("=") for p in kv.split(",") if p)}
                 try:

@@ -4,7 +4,8 @@ Every backend is tested against these functions. They favour clarity over speed,
 vectorised over the batch. Stages, for each row::
 
     penalties (repetition -> frequency -> presence) -> temperature -> validity check
-    -> top-k -> top-p -> min-p -> choose (Gumbel-max over survivors) -> log-probabilities
+    -> top-k -> top-p -> min-p -> choose (Gumbel-max over survivors; two levels, block then
+    token, for rows without truncation) -> log-probabilities
 
 Precision: penalties and temperature are float32 operations, each rounded separately (no fused
 multiply-add). Probabilities, the top-p mass, min-p ratios, Gumbel keys and log-probabilities
@@ -129,12 +130,39 @@ def row_keys(params, pos: np.ndarray, sampler_seed: int, call: int) -> np.ndarra
     return np.where(params["has_seed"], seeded, free).astype(np.int64)
 
 
-def choose(zt: np.ndarray, keep: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Gumbel-max over survivors, lowest id on exact ties."""
+def choose(zt: np.ndarray, keep: np.ndarray, keys: np.ndarray, plain: Optional[np.ndarray] = None) -> np.ndarray:
+    """Gumbel-max over survivors, lowest id on exact ties; rows in ``plain`` (no truncation: all
+    tokens survive) choose a block, then a token in it (:mod:`sampling.stream`)."""
     tokens = np.arange(zt.shape[1], dtype=np.int64)[None, :]
     g = stream.gumbel(stream.token_bits(keys[:, None], tokens))
-    key = np.where(keep, zt.astype(np.float64) + g, -np.inf)
-    return key.argmax(axis=1).astype(np.int64)
+    z64 = zt.astype(np.float64)
+    key = np.where(keep, z64 + g, -np.inf)
+    chosen = key.argmax(axis=1).astype(np.int64)
+    if plain is not None and plain.any():
+        chosen = np.where(plain, _two_level(z64, g, keys), chosen)
+    return chosen
+
+
+def _two_level(z64: np.ndarray, g: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """The two-level choice of :mod:`sampling.stream` on every row (``g``: the tokens' noise)."""
+    rows, vocab = z64.shape
+    nb = -(-vocab // stream.BLOCK)
+    zb = np.full((rows, nb * stream.BLOCK), -np.inf)
+    zb[:, :vocab] = z64
+    zb = zb.reshape(rows, nb, stream.BLOCK)
+    top = zb.max(axis=2)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):  # blocks of -inf only: log(0) = -inf
+        mass = top + np.log(np.exp(zb - safe[:, :, None]).sum(axis=2))
+    blocks = np.arange(nb, dtype=np.int64)[None, :]
+    gb = stream.gumbel(stream.token_bits(stream.block_keys(keys)[:, None], blocks))
+    J = (mass + gb).argmax(axis=1)
+    cols = J[:, None] * stream.BLOCK + np.arange(stream.BLOCK)[None, :]
+    inside = cols < vocab
+    cols = np.minimum(cols, vocab - 1)
+    r = np.arange(rows)[:, None]
+    tkey = np.where(inside, z64[r, cols] + g[r, cols], -np.inf)
+    return cols[np.arange(rows), tkey.argmax(axis=1)].astype(np.int64)
 
 
 def log_softmax(x: np.ndarray, mask: Optional[np.ndarray] = None) -> np.ndarray:
@@ -192,7 +220,8 @@ def sample(
     if pos is None:
         pos = positions(out_ids, rows, vocab, out_counts)
     keys = row_keys(params, pos, sampler_seed, call)
-    tokens = np.where(greedy, zt.argmax(axis=1), choose(zt, keep, keys)).astype(np.int64)
+    plain = stream.two_level_rows(params, vocab)
+    tokens = np.where(greedy, zt.argmax(axis=1), choose(zt, keep, keys, plain)).astype(np.int64)
     if logprobs_mode == "raw":
         lp = log_softmax(x)
     elif logprobs_mode == "processed":

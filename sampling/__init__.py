@@ -14,7 +14,7 @@ from .errors import BackendUnavailableError, InvalidLogitsError, SamplingInputEr
 from .params import SamplingParam
 from .sampler import SampleOutput, Sampler
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Sampler",

@@ -307,10 +307,12 @@ def topk_widths(monkeypatch):
 
 
 def test_no_vocabulary_sort_without_truncation(topk_widths, hashed_widths):
+    # rows without truncation choose in two levels: one hash per block of 4 ids, then the 4 ids
+    # of the chosen block; nothing per token of the vocabulary
     x = np.random.default_rng(8).standard_normal((3, 2000)).astype(np.float32)
     ref, got = rows_of(x, temperature=np.array([0.5, 1.0, 0.0]), seed=np.arange(3))
     assert_same(ref, got)
-    assert topk_widths == [] and hashed_widths == [2000]
+    assert topk_widths == [] and hashed_widths == [500, 4]
 
 
 def test_top_k_hashes_only_its_window(topk_widths, hashed_widths):

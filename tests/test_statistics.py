@@ -35,8 +35,18 @@ CASES = {
         [1.0, 2.0, 0.5, 1.5, -0.5, 0.0, 1.2, 0.7],
         dict(repetition_penalty=1.4, frequency_penalty=0.3, presence_penalty=0.2, temperature=0.9, top_k=6),
     ),
+    # Rows without truncation choose a block of 4 ids, then a token in it (sampling/stream.py):
+    # three blocks here, the last one partial, with unequal masses.
+    "plain, T 0.7 (two-level choice)": (
+        [1.0, 0.5, 2.0, -1.0, 0.3, 0.0, 1.7, -0.4, 0.9, -2.0, 0.1],
+        dict(temperature=0.7),
+    ),
+    "plain with penalties, -inf masked (two-level choice)": (
+        [1.0, 2.0, -np.inf, 1.5, -0.5, 0.0, 1.2, 0.7, -np.inf],
+        dict(repetition_penalty=1.4, frequency_penalty=0.3, presence_penalty=0.2, temperature=0.9),
+    ),
 }
-#: Histories of the "penalties with padding" case (positions differ per row through output_ids).
+#: Histories of the cases with penalties (positions differ per row through output_ids).
 HISTORY = dict(all_input_ids=[1, 3, 3, 6, -1, 8], output_ids=[3, 1, 3, 8, -1])
 
 
@@ -159,4 +169,22 @@ def test_gumbel_max_law_on_the_reference():
     stat, dof, pvalue = chi_square(counts[probs > 0], probs[probs > 0])
     assert pvalue > ALPHA, (stat, dof, pvalue)
     # 40k draws resolve each frequency to about 0.005: the test can see a wrong distribution.
+    np.testing.assert_allclose(counts / draws, probs, atol=0.01)
+
+
+def test_two_level_law_on_the_reference():
+    """Rows without truncation draw a block, then a token in it: the product is still softmax
+    over all tokens, including a partial last block and a block whose tokens are all -inf."""
+    draws, vocab = 40_000, 10
+    row = np.array([0.3, -1.0, 2.2, 0.9, -np.inf, -np.inf, -np.inf, -np.inf, 1.4, 1.5], np.float32)
+    case = sst.Case(np.tile(row, (draws, 1)), "float32", {"seed": 7 + np.arange(draws), "temperature": np.full(draws, 0.8)})
+    tokens = case.reference()[1]
+    z = row.astype(np.float64) / np.float64(np.float32(0.8))
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    counts = np.bincount(tokens, minlength=vocab)
+    kept = probs > 0
+    assert counts[~kept].sum() == 0
+    stat, dof, pvalue = chi_square(counts[kept], probs[kept])
+    assert pvalue > ALPHA, (stat, dof, pvalue, counts / draws, probs)
     np.testing.assert_allclose(counts / draws, probs, atol=0.01)

@@ -548,6 +548,34 @@ def test_cpu_tensors_without_interpreter_are_refused():
     assert "refused:" in out.stdout and "TRITON_INTERPRET" in out.stdout, out.stderr
 
 
+# ----------------------------------------------------------------------------- two-level choice
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_two_level_rows_with_penalties_match_the_reference(mixed):
+    """Rows without truncation choose a block, then a token (sampling/stream.py): the chunks of
+    the scan must see every token of a block with its penalised value, although they mask the
+    penalised tokens of the other rows (which the penalty items take). The histories are each
+    row's most likely tokens, so a chunk that skipped or mis-read them would pick other blocks.
+    With ``mixed``, truncated and greedy rows share the batch (and the penalty items)."""
+    rows, vocab = 24, 301  # several chunks of 32-token tiles; the last block holds one id
+    x = logits(rows, vocab, seed=3)
+    x[1, 5::7] = -np.inf
+    hist = np.argsort(-x, axis=1)[:, :12]
+    data = SamplingData.from_numpy(all_input_ids=np.concatenate([hist, np.full((rows, 2), -1)], axis=1),
+                                   output_ids=hist[:, ::2])
+    top_k = np.where(np.arange(rows) % 3 == 1, 5, 0) if mixed else np.zeros(rows, int)
+    temp = np.where(np.arange(rows) % 3 == 2, 0.0, 0.7) if mixed else np.full(rows, 0.7)
+    param = SamplingParam.from_numpy(temperature=temp, top_k=top_k, repetition_penalty=np.full(rows, 1.6),
+                                     frequency_penalty=np.full(rows, -0.4), presence_penalty=np.full(rows, 0.5),
+                                     seed=np.arange(rows) + 1000)
+    ours, ref = run_both(x, param, data)
+    assert_same(ours, ref)
+    # the penalties matter: without them, most rows would choose differently
+    free = reference.sample(x, param.arrays)[1]
+    assert (free != ref[1]).sum() >= rows // 3
+
+
 # ----------------------------------------------------------------------------- near-ties
 
 

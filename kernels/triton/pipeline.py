@@ -322,10 +322,29 @@ def _pack_candidate(y, t, FAST: tl.constexpr):
 
 
 @triton.jit
-def _argmax_update(key, offs, kb, ki):
-    """Per position: the best key so far and its token (the first on ties: offs rise)."""
+def _block_update(z, offs, hb, thr, rk, kb, ki, kb_row, TILE: tl.constexpr, FAST: tl.constexpr):
+    """The two-level choice (:mod:`sampling.stream`) on one tile: each block of rs.BLOCK tokens
+    whose noise could lift it above the best block so far (v < thr, as :func:`_gumbel_key`) gets
+    its key L + G' (L its log-mass); a block that beats its slot's best also picks its token by
+    the tokens' own Gumbel-max (lowest id on ties). ``hb``: the blocks' uniform bits; ``kb``,
+    ``ki``: per block slot, the best block key and its token. Runs only in the rare tiles that
+    pass the caller's vote."""
+    NB: tl.constexpr = TILE // rs.BLOCK
+    z2 = tl.reshape(z, [NB, rs.BLOCK])
+    bm = tl.max(z2, 1)
+    bs = tl.where(bm == float("-inf"), 0.0, bm)
+    mass = bm + _lg2(tl.sum(tl.exp2((z2 - bs[:, None]) * LOG2E), 1), FAST) * LN2
+    u, v = _uv_m(hb)
+    key = _gumbel_key(mass, u, v, thr, FAST)
     better = key > kb
-    return tl.where(better, key, kb), tl.where(better, offs, ki)
+    if tl.max(better.to(tl.int32)) > 0:
+        tu, tv = _uv(rk, offs)
+        t2 = tl.reshape(z + _gumbel_uv(tu, tv, FAST), [NB, rs.BLOCK])
+        tb = tl.max(t2, 1)
+        tid = tl.min(tl.where(t2 == tb[:, None], tl.reshape(offs, [NB, rs.BLOCK]), INT32_MAX), 1)
+        kb = tl.where(better, key, kb)
+        ki = tl.where(better, tid, ki)
+    return kb, ki, tl.maximum(kb_row, tl.max(key))
 
 
 @triton.jit
@@ -415,6 +434,19 @@ def _pen_tile(pen_row, o0, end, onebit, TILE: tl.constexpr):
     its word, tested against ``onebit`` = 1 << (i % 32), which the caller computes once for
     all tiles (an AND per token instead of a shift, an AND and a compare on o0 + i)."""
     return (_pen_words_tile(pen_row, o0, end, TILE) & onebit) != 0
+
+
+@triton.jit
+def _pen_tile_values(pen_row, o0, end, onebit, x, W, FAST: tl.constexpr, TILE: tl.constexpr):
+    """``x`` with each penalised token of the tile o0 + [0, TILE) replaced by its table value:
+    the rows that choose in two levels need every token of a block (the others mask them)."""
+    offs = o0 + tl.arange(0, TILE)
+    word = _pen_words_tile(pen_row, o0, end, TILE)
+    hit = (word & onebit) != 0
+    pre = tl.load(pen_row + W + (offs >> 5), mask=hit, other=0)
+    zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
+    zp = tl.load(zrow + _rank(word, pre, offs, FAST), mask=hit, other=0.0)
+    return tl.where(hit, zp, x)
 
 
 @triton.jit
@@ -808,7 +840,7 @@ def _raw_slots(pen_row, W, RS):
 
 
 @triton.jit
-def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rk, yth,
+def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, yth,
                cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr, ncand_ptr, cval_ptr, cidx_ptr, CAP,
                HAS_TEMP: tl.constexpr, FAST: tl.constexpr, ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr,
                NEED_S: tl.constexpr, NEED_RAW: tl.constexpr, BC: tl.constexpr):
@@ -818,12 +850,14 @@ def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, t
     The scan's chunks mask these tokens (a bit test per token instead of a rank and a load: S3's
     scan took 99 us against S2's 86 at B = 256, bench/NOTES.md v10), and a few more work items per
     row compute here what their loop would have had for them: the max and NaN flag, the sum
-    of exp(z - max) below the max (per lane online, as :func:`_lse_update`), the best key (the
-    chunks' `_gumbel_key`, or greedy; the lowest id on ties) and the candidates y >= yth, copied
-    to the row's list as z = y / T. (In the prep, latency-bound with one program per row, the
+    of exp(z - max) below the max (per lane online, as :func:`_lse_update`), greedy rows' argmax
+    (the lowest id on ties) and the candidates y >= yth, copied to the row's list as z = y / T.
+    Rows that choose in two levels do not mask them (their blocks need every token). (In the prep, latency-bound with one program per row, the
     same work cost 3-5 us per call.)"""
     greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
-    gum_row = (trunc == 0) & (greedy == 0)
+    # rows that choose in two levels look their penalised tokens up in the chunks (a block's
+    # key needs all its tokens): nothing to do here
+    hi = tl.where((trunc == 0) & (greedy == 0), lo, hi)
     T = tl.load(temp_ptr + b)
     Y = _recip(T, FAST)
     ys = tl.full([], 1.0, tl.float32)
@@ -849,12 +883,9 @@ def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, t
             s_vec = _lse_update(s_vec, m_vec, z)
             m_vec = tl.maximum(m_vec, z)
         if ANY_PLAIN:
-            key = y  # greedy rows have T = 1
-            if gum_row:
-                u, v = _uv(rk, ts)
-                key = _gumbel_key(y * ys, u, v, float("inf"), FAST)
-            better = ok & ((key > kb) | ((key == kb) & (ts < ki)))
-            kb = tl.where(better, key, kb)
+            # greedy rows (T = 1): the argmax of y
+            better = ok & ((y > kb) | ((y == kb) & (ts < ki)))
+            kb = tl.where(better, y, kb)
             ki = tl.where(better, ts, ki)
         if cand:
             sel = ok & (y >= yth)
@@ -1057,7 +1088,7 @@ def _scan_kernel(
             yth = tl.load(ythr_ptr + b)
         _pen_chunk(id_src, (pen_row + 2 * W).to(tl.pointer_type(tl.float32)), j * SPAN,
                    tl.minimum(S, j * SPAN + SPAN), V, b, b64 * CS + C + j,
-                   temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, tl.load(rowkey_ptr + b).to(tl.uint32), yth,
+                   temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, yth,
                    cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr, ncand_ptr, cval_ptr, cidx_ptr, CAP,
                    HAS_TEMP, FAST, ANY_PLAIN, ANY_TRUNC, NEED_S, NEED_RAW, TILE)
     for g in range(pid + tl.cdiv(tl.maximum(NP - pid, 0), nprog) * nprog, NP + NITEMS, nprog):
@@ -1086,6 +1117,7 @@ def _scan_kernel(
                                shi_ptr, samp_lo, samp_hi, call_ptr, HAS_OUT, HAS_COUNTS, HAS_POS, 256)
             if c == 0:
                 tl.store(rowkey_ptr + b, rk.to(tl.int64))
+        bk = rs.block_key(rk)
         # candidates of truncated rows: y >= yth. Tile position j appends to its own column of
         # D private slots (slot = count_j * TILE + j): no prefix sums, no atomics in the loop.
         yth = tl.full([], float("inf"), tl.float32)
@@ -1106,8 +1138,12 @@ def _scan_kernel(
         s_vec = tl.zeros([TILE], tl.float32)
         rm_vec = tl.full([TILE], float("-inf"), tl.float32)
         rs_vec = tl.zeros([TILE], tl.float32)
-        kb = tl.full([TILE], float("-inf"), tl.float32)
-        ki = tl.zeros([TILE], tl.int32)
+        # rows without truncation choose a block of rs.BLOCK tokens, then a token in it: per
+        # block slot of the tile, the best block key so far and its token
+        NB: tl.constexpr = TILE // rs.BLOCK
+        blanes = tl.arange(0, NB)
+        kb = tl.full([NB], float("-inf"), tl.float32)
+        ki = tl.zeros([NB], tl.int32)
         kb_row = tl.full([], float("-inf"), tl.float32)
         # Greedy rows (key y, T = 1) need no per-element work: their argmax moves only where the
         # running max m_row rises, which the log-sum-exp's vote finds (ANY_PLAIN implies NEED_S).
@@ -1115,7 +1151,8 @@ def _scan_kernel(
         gi = tl.zeros([], tl.int32)
         # Penalised tokens are masked in this loop (-inf: never the max, a candidate or a key)
         # and enter the row through the items above (_pen_chunk), so the loop reads only the
-        # bitmask words beside the logits. tl.range's software pipeline (NS stages) copies the
+        # bitmask words beside the logits; rows that choose in two levels need every token of
+        # a block, and look their penalised values up here instead. tl.range's software pipeline (NS stages) copies the
         # next NS - 1 tiles into shared memory (cp.async) while this one computes, holding no
         # registers (3 stages measured faster than a tile prefetched into registers by hand: v11).
         for s0 in tl.range(start, end, TILE, num_stages=NS):
@@ -1125,13 +1162,17 @@ def _scan_kernel(
             y = x
             if HAS_PEN:
                 y = tl.where(_pen_tile(pen_row, s0, end, onebit, TILE), float("-inf"), x)
+                if ANY_GUMBEL:  # (compiled only for batches with such rows)
+                    if gum_row:
+                        y = _pen_tile_values(pen_row, s0, end, onebit, x, W, FAST, TILE)
             # The lanes' own maxima (NaN-propagating: they flag NaN, and +inf shows in them) feed
             # the chunk max and the votes below: one compare per lane, not per element.
             lm = _lane_max(y, TILE, VEC)
             ymax = _max_nan(ymax, lm)
             if ANY_GUMBEL:
-                # exp(z - kb_row) = e * exp(m_row / T - kb_row), against this tile's starting
-                # m_row (as e below); 0.1% slack covers the rounding.
+                # exp(L - kb_row) = eb * exp(m_row / T - kb_row) for a block of log-mass L and
+                # mass eb against this tile's starting m_row (e below); 0.1% slack covers the
+                # rounding.
                 cb = tl.where(kb_row == float("-inf"), float("inf"),
                               tl.exp2((m_row * ys - kb_row) * LOG2E) * 1.001)
             if NEED_S or ANY_GUMBEL:
@@ -1174,15 +1215,17 @@ def _scan_kernel(
                     ccnt += sel.to(tl.int32)
             if ANY_GUMBEL:
                 if gum_row:
-                    # A token can only beat kb_row where v < thr (thr = e * cb): after the first
-                    # tiles almost no tile has one, so a vote over a cheap conservative form of
-                    # that test (on the uniform's bits, before any log) skips the whole tile.
-                    hm = _u_mantissa(rk, offs)
-                    if _vote_bits(_beat_margin(hm, e, cb)) > 0:
-                        u, v = _uv_m(hm)
-                        key = _gumbel_key(y * ys, u, v, e * cb, FAST)
-                        kb, ki = _argmax_update(key, offs, kb, ki)
-                        kb_row = tl.maximum(kb_row, tl.max(key))
+                    # A block (mass eb against m_row) can only beat kb_row where its v < thr =
+                    # eb * cb: after the first tiles almost no tile has one, so a vote over a
+                    # cheap conservative form of that test (on the uniform's bits, before any
+                    # log) skips the whole tile. One hash per block, none per token.
+                    eb = tl.sum(tl.reshape(e, [NB, rs.BLOCK]), 1)
+                    # e is NaN for -inf tokens while m_row is still -inf (-inf - -inf): any
+                    # block could then win (cb = inf), so its mass reads as inf
+                    eb = tl.where(eb == eb, eb, float("inf"))
+                    hb = _u_mantissa(bk, blanes + s0 // rs.BLOCK)
+                    if _vote_bits(_beat_margin(hb, eb, cb)) > 0:
+                        kb, ki, kb_row = _block_update(y * ys, offs, hb, eb * cb, rk, kb, ki, kb_row, TILE, FAST)
 
         ws = b64 * CS + c
         _store_chunk_max(ymax, T, Y, ws, cflag_ptr, cm_ptr, HAS_TEMP, FAST)

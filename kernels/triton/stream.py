@@ -18,6 +18,8 @@ MUL2 = tl.constexpr(_spec.MUL2)
 GOLDEN = tl.constexpr(_spec.GOLDEN)
 SALT = tl.constexpr(_spec.SALT)
 UNSEEDED = tl.constexpr(_spec.UNSEEDED)
+BLOCK_SALT = tl.constexpr(_spec.BLOCK_SALT)
+BLOCK = tl.constexpr(_spec.BLOCK)
 
 
 @triton.jit
@@ -43,6 +45,12 @@ def unseeded_key(sampler_lo, sampler_hi, call, row):
     """Key of a row without a seed: the sampler's seed, its call counter and the row index."""
     base = row_key(sampler_lo, sampler_hi, call)
     return mix32(base ^ (row ^ tl.full([], UNSEEDED, tl.uint32)))
+
+
+@triton.jit
+def block_key(key):
+    """The block stream's key of a row key (two-level choice of untruncated rows)."""
+    return mix32(key ^ tl.full([], BLOCK_SALT, tl.uint32))
 
 
 @triton.jit
