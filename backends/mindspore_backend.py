@@ -507,10 +507,10 @@ def two_level(full: _Full, keys: Tensor, step: Step) -> Tensor:
     nb = -(-vocab // width)
     z64 = full.z64
     if nb * width > vocab:
-        z64 = ops.concat((z64, Tensor(np.full((rows, nb * width - vocab), -np.inf))), 1)
+        z64 = ops.cat([z64, Tensor(np.full((rows, nb * width - vocab), -np.inf))], 1)
     zb = ops.reshape(z64, (rows, nb, width))
     top = ops.max(zb, 2)[0]
-    safe = ops.where(ops.isfinite(top), top, 0.0)
+    safe = ops.where(top == _NEG_INF, 0.0, top)
     mass = top + ops.log(ops.sum(ops.exp(zb - ops.expand_dims(safe, 2)), 2))
     words = _token_words(step)
     bwords = _TILE(ops.expand_dims(mint.narrow(words, 0, 0, nb), 0), (rows, 1))
