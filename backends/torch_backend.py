@@ -193,7 +193,11 @@ def choose(zt: torch.Tensor, keep: torch.Tensor, keys: torch.Tensor, step: Step)
         if plain[~host["greedy"]].all():  # greedy rows take their argmax elsewhere
             return two
         one = choose_survivors(zt, keep, keys, step)
-        return torch.where(torch.from_numpy(plain).to(zt.device), two, one)
+        # the same rows from the device's copy of the parameters (no host-to-device copy)
+        P = step.params
+        k = P["top_k"]
+        trunc = ((k > 0) & (k < step.vocab)) | (P["top_p"] < 1) | (P["min_p"] > 0)
+        return torch.where(~P["greedy"] & ~trunc, two, one)
     return choose_survivors(zt, keep, keys, step)
 
 

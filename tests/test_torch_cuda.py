@@ -53,6 +53,8 @@ def test_cuda_matches_reference_at_full_vocabulary():
 def test_whole_call_is_captured_in_a_cuda_graph():
     rows = 16
     logits, kw, hist, out = _batch(rows, seed=1, all_seeded=False)
+    # rows 1 and 2 without truncation (two-level choice) beside truncated and greedy rows
+    kw["temperature"][1:3], kw["top_k"][1:3], kw["top_p"][1:3], kw["min_p"][1:3] = 0.7, -1, 1.0, 0.0
     cuda = lambda a: torch.from_numpy(a).cuda()
     param = SamplingParam.from_numpy(**kw, to_tensor=cuda)
     data = SamplingData.from_numpy(all_input_ids=hist, output_ids=out, to_tensor=cuda)

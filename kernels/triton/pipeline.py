@@ -852,8 +852,8 @@ def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, t
     row compute here what their loop would have had for them: the max and NaN flag, the sum
     of exp(z - max) below the max (per lane online, as :func:`_lse_update`), greedy rows' argmax
     (the lowest id on ties) and the candidates y >= yth, copied to the row's list as z = y / T.
-    Rows that choose in two levels do not mask them (their blocks need every token). (In the prep, latency-bound with one program per row, the
-    same work cost 3-5 us per call.)"""
+    Rows that choose in two levels do not mask them (their blocks need every token). (In the
+    prep, latency-bound with one program per row, the same work cost 3-5 us per call.)"""
     greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
     # rows that choose in two levels look their penalised tokens up in the chunks (a block's
     # key needs all its tokens): nothing to do here
@@ -1152,9 +1152,10 @@ def _scan_kernel(
         # Penalised tokens are masked in this loop (-inf: never the max, a candidate or a key)
         # and enter the row through the items above (_pen_chunk), so the loop reads only the
         # bitmask words beside the logits; rows that choose in two levels need every token of
-        # a block, and look their penalised values up here instead. tl.range's software pipeline (NS stages) copies the
-        # next NS - 1 tiles into shared memory (cp.async) while this one computes, holding no
-        # registers (3 stages measured faster than a tile prefetched into registers by hand: v11).
+        # a block, and look their penalised values up here instead. tl.range's software
+        # pipeline (NS stages) copies the next NS - 1 tiles into shared memory (cp.async) while
+        # this one computes, holding no registers (3 stages measured faster than a tile
+        # prefetched into registers by hand: v11).
         for s0 in tl.range(start, end, TILE, num_stages=NS):
             offs = s0 + lanes
             mask = offs < end
