@@ -194,10 +194,7 @@ def choose(zt: torch.Tensor, keep: torch.Tensor, keys: torch.Tensor, step: Step)
             return two
         one = choose_survivors(zt, keep, keys, step)
         # the same rows from the device's copy of the parameters (no host-to-device copy)
-        P = step.params
-        k = P["top_k"]
-        trunc = ((k > 0) & (k < step.vocab)) | (P["top_p"] < 1) | (P["min_p"] > 0)
-        return torch.where(~P["greedy"] & ~trunc, two, one)
+        return torch.where(stream.two_level_rows(step.params, step.vocab), two, one)
     return choose_survivors(zt, keep, keys, step)
 
 

@@ -99,8 +99,9 @@ def token_bits(keys, token_ids):
 
 
 def two_level_rows(params, vocab: int):
-    """Rows that choose in two levels (host-side numpy arrays of normalised parameters): not
-    greedy, and no truncation (top-k off or >= V, top-p 1, min-p 0)."""
+    """Rows that choose in two levels (normalised parameters: numpy arrays, or a backend's
+    tensors of the same fields): not greedy, and no truncation (top-k off or >= V, top-p 1,
+    min-p 0)."""
     k = params["top_k"]
     truncated = ((k > 0) & (k < vocab)) | (params["top_p"] < 1) | (params["min_p"] > 0)
     return ~params["greedy"] & ~truncated

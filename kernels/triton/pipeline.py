@@ -430,19 +430,20 @@ def _pen_words_tile(pen_row, o0, end, TILE: tl.constexpr):
 
 @triton.jit
 def _pen_tile(pen_row, o0, end, onebit, TILE: tl.constexpr):
-    """Whether each token o0 + i of a tile is penalised, for o0 a multiple of 32: bit i % 32 of
-    its word, tested against ``onebit`` = 1 << (i % 32), which the caller computes once for
-    all tiles (an AND per token instead of a shift, an AND and a compare on o0 + i)."""
-    return (_pen_words_tile(pen_row, o0, end, TILE) & onebit) != 0
+    """(bitmask words, whether each token o0 + i of a tile is penalised), for o0 a multiple of
+    32: bit i % 32 of its word, tested against ``onebit`` = 1 << (i % 32), which the caller
+    computes once for all tiles (an AND per token instead of a shift, an AND and a compare on
+    o0 + i)."""
+    word = _pen_words_tile(pen_row, o0, end, TILE)
+    return word, (word & onebit) != 0
 
 
 @triton.jit
-def _pen_tile_values(pen_row, o0, end, onebit, x, W, FAST: tl.constexpr, TILE: tl.constexpr):
-    """``x`` with each penalised token of the tile o0 + [0, TILE) replaced by its table value:
-    the rows that choose in two levels need every token of a block (the others mask them)."""
+def _pen_tile_values(pen_row, o0, word, hit, x, W, FAST: tl.constexpr, TILE: tl.constexpr):
+    """``x`` with each penalised token of the tile o0 + [0, TILE) (``word``, ``hit`` from
+    :func:`_pen_tile`) replaced by its table value: the rows that choose in two levels need
+    every token of a block (the others mask them)."""
     offs = o0 + tl.arange(0, TILE)
-    word = _pen_words_tile(pen_row, o0, end, TILE)
-    hit = (word & onebit) != 0
     pre = tl.load(pen_row + W + (offs >> 5), mask=hit, other=0)
     zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
     zp = tl.load(zrow + _rank(word, pre, offs, FAST), mask=hit, other=0.0)
@@ -1162,10 +1163,11 @@ def _scan_kernel(
             x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
             y = x
             if HAS_PEN:
-                y = tl.where(_pen_tile(pen_row, s0, end, onebit, TILE), float("-inf"), x)
+                pword, phit = _pen_tile(pen_row, s0, end, onebit, TILE)
+                y = tl.where(phit, float("-inf"), x)
                 if ANY_GUMBEL:  # (compiled only for batches with such rows)
                     if gum_row:
-                        y = _pen_tile_values(pen_row, s0, end, onebit, x, W, FAST, TILE)
+                        y = _pen_tile_values(pen_row, s0, pword, phit, x, W, FAST, TILE)
             # The lanes' own maxima (NaN-propagating: they flag NaN, and +inf shows in them) feed
             # the chunk max and the votes below: one compare per lane, not per element.
             lm = _lane_max(y, TILE, VEC)
