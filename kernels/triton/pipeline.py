@@ -1039,6 +1039,120 @@ def _pivot(base, pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr,
 # ----------------------------------------------------------------------------- scan
 
 
+@triton.jit
+def _widen(x, FAST: tl.constexpr):
+    """Loaded logits as float32. bfloat16 pairs are widened by one instruction each (a shift
+    and a mask of the 32-bit word that holds them: the compiler's conversion spends a byte
+    permute on every second element)."""
+    if FAST:
+        if x.dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(
+                "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xFFFF0000; }", "=r,=r,r",
+                [x.to(tl.int16, bitcast=True)], dtype=tl.float32, is_pure=True, pack=2)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _blk_sum(v, TILE: tl.constexpr):
+    """Sums over the tile's blocks of rs.BLOCK consecutive tokens (in registers: a lane holds
+    whole blocks), as [TILE // rs.BLOCK]."""
+    return tl.sum(tl.reshape(v, [TILE // rs.BLOCK, rs.BLOCK]), 1)
+
+
+@triton.jit
+def _block_bound(m_row, kb_row, ys):
+    """cb with exp(L - kb_row) = eb * cb for a block of log-mass L whose mass against the running
+    max m_row is eb (inf while no block was chosen); 0.1% slack covers the rounding."""
+    return tl.where(kb_row == float("-inf"), float("inf"), tl.exp2((m_row * ys - kb_row) * LOG2E) * 1.001)
+
+
+@triton.jit
+def _scan_tile(
+    s0, end, x_row, lanes, blanes, pen_row, onebit, W, gum_row, ys, c2, yth, pbase, pc_ptr, bk, rk,
+    ymax, m_row, ml2, n_at, s_extra, s_blk, rm_vec, rs_vec, kb, ki, kb_row, cb, gi, ccnt,
+    MASKED: tl.constexpr, HAS_PEN: tl.constexpr, FAST: tl.constexpr, ANY_PLAIN: tl.constexpr,
+    ANY_GUMBEL: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
+    TILE: tl.constexpr, VEC: tl.constexpr, D: tl.constexpr,
+):
+    """One tile s0 + [0, TILE) of a scan item: the item's running state in, updated state out
+    (see :func:`_scan_kernel`). Only the item's last tile can be partial (MASKED). The token
+    ids s0 + lanes are formed only where a rare branch needs them.
+
+    Penalised tokens are masked here (-inf: never the max, a candidate or a key) and enter the
+    row through the penalty items (_pen_chunk), so the tile reads only the bitmask words beside
+    the logits; rows that choose in two levels need every token of a block, and look their
+    penalised values up here instead."""
+    if MASKED:
+        x = _widen(tl.load(x_row + s0 + lanes, mask=s0 + lanes < end, other=float("-inf")), FAST)
+    else:
+        x = _widen(tl.load(x_row + s0 + lanes), FAST)
+    y = x
+    if HAS_PEN:
+        pword, phit = _pen_tile(pen_row, s0, end, onebit, TILE)
+        y = tl.where(phit, float("-inf"), x)
+        if ANY_GUMBEL:  # (compiled only for batches with such rows)
+            if gum_row:
+                y = _pen_tile_values(pen_row, s0, pword, phit, x, W, FAST, TILE)
+    # The lanes' own maxima (NaN-propagating: they flag NaN, and +inf shows in them) feed
+    # the chunk max and the votes below: one compare per lane, not per element.
+    lm = _lane_max(y, TILE, VEC)
+    ymax = _max_nan(ymax, lm)
+    if NEED_S or ANY_GUMBEL:
+        # exp(z - m_row) against the running max as this tile starts, summed per block
+        eb = _blk_sum(tl.exp2(tl.fma(y, c2, -ml2)), TILE)
+    if ANY_GUMBEL:
+        if gum_row:
+            # A block (mass eb against m_row) can only beat kb_row where its v < thr =
+            # eb * cb: after the first tiles almost no tile has one, so a vote over a
+            # cheap conservative form of that test (on the uniform's bits, before any
+            # log) skips the whole tile. One hash per block, none per token.
+            # e is NaN for -inf tokens while m_row is still -inf (-inf - -inf): any
+            # block could then win (cb = inf), so its mass reads as inf
+            ebg = tl.where(eb == eb, eb, float("inf"))
+            hb = _u_mantissa(bk, blanes + tl.cast(s0, tl.uint32) // rs.BLOCK)
+            if _vote_bits(_beat_margin(hb, ebg, cb)) > 0:
+                kb, ki, kb_row = _block_update(y * ys, s0 + lanes, hb, ebg * cb, rk, kb, ki, kb_row, TILE, FAST)
+                cb = _block_bound(m_row, kb_row, ys)
+    if NEED_S or ANY_GUMBEL:
+        # The running max rises in few tiles: a vote (one integer reduction) finds them,
+        # and only they reduce the tile's max across the lanes and count the elements at
+        # the max. (A NaN makes the sum NaN; its row is invalid through its flag.) One
+        # vote for this and the Gumbel test above measured slower than two (v11).
+        if _vote_bits(lm - m_row) >= 0:  # some y >= m_row (y - y is +0)
+            tmax = tl.max(lm)
+            if tmax > m_row:
+                if ANY_PLAIN:
+                    # greedy rows' argmax: the first token at the new max (an equal
+                    # max in a later tile keeps the earlier token)
+                    gi = tl.min(tl.where(y == tmax, s0 + lanes, INT32_MAX))
+                f = tl.exp2((m_row - tmax) * c2)
+                s_blk = s_blk * f
+                s_extra = (s_extra + n_at) * f
+                n_at = tl.zeros([], tl.float32)
+                m_row = tmax
+                ml2 = tmax * c2
+                if ANY_GUMBEL:
+                    cb = _block_bound(m_row, kb_row, ys)
+            n_at += tl.sum((y == m_row).to(tl.float32))
+            if NEED_S:
+                s_blk += _blk_sum(tl.where(y < m_row, tl.exp2(tl.fma(y, c2, -ml2)), 0.0), TILE)
+        else:
+            if NEED_S:
+                s_blk += eb
+    if NEED_RAW:
+        rs_vec = _lse_update(rs_vec, rm_vec, x)
+        rm_vec = tl.maximum(rm_vec, x)
+    if ANY_TRUNC:
+        # a candidate y >= yth in some lane (the lanes' maxima decide; NaN votes yes)
+        if _vote_bits(lm - yth) >= 0:
+            sel = y >= yth
+            slot = pbase + ccnt * TILE + lanes
+            keep = sel & (ccnt < D)
+            tl.store(pc_ptr + slot, _pack_candidate(y, s0 + lanes, FAST), mask=keep)
+            ccnt += sel.to(tl.int32)
+    return ymax, m_row, ml2, n_at, s_extra, s_blk, rm_vec, rs_vec, kb, ki, kb_row, cb, gi, ccnt
+
+
 @triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr", "B", "NITEMS", "C", "CS", "NP", "SPAN"] + _HIST)
 def _scan_kernel(
     x_ptr, x_stride, V, CH, C, CS, B, NITEMS, NP, SPAN, rep_ptr, rep_stride, R,
@@ -1129,111 +1243,48 @@ def _scan_kernel(
 
         ymax = tl.full([32], float("-inf"), tl.float32)
         # Row log-sum-exp against the running chunk max m_row (a scalar, raised tile by tile):
-        # s_vec sums exp(z - m_row) over elements strictly below it; elements equal to m_row
+        # s_blk sums exp(z - m_row) over elements strictly below it, per block slot of rs.BLOCK
+        # tokens (the blocks' sums serve the two-level choice too); elements equal to m_row
         # are counted in n_at, and former maxima, once overtaken, move to s_extra. The sum of
         # "the others" stays accurate for peaked rows, where the logprob is -log1p(others).
+        NB: tl.constexpr = TILE // rs.BLOCK
         m_row = tl.full([], float("-inf"), tl.float32)
         ml2 = tl.full([], float("-inf"), tl.float32)
         n_at = tl.zeros([], tl.float32)
         s_extra = tl.zeros([], tl.float32)
-        s_vec = tl.zeros([TILE], tl.float32)
+        s_blk = tl.zeros([NB], tl.float32)
         rm_vec = tl.full([TILE], float("-inf"), tl.float32)
         rs_vec = tl.zeros([TILE], tl.float32)
         # rows without truncation choose a block of rs.BLOCK tokens, then a token in it: per
         # block slot of the tile, the best block key so far and its token
-        NB: tl.constexpr = TILE // rs.BLOCK
-        blanes = tl.arange(0, NB)
+        blanes = tl.arange(0, NB).to(tl.uint32)
         kb = tl.full([NB], float("-inf"), tl.float32)
         ki = tl.zeros([NB], tl.int32)
         kb_row = tl.full([], float("-inf"), tl.float32)
+        cb = tl.full([], float("inf"), tl.float32)  # _block_bound(m_row, kb_row, ys)
         # Greedy rows (key y, T = 1) need no per-element work: their argmax moves only where the
         # running max m_row rises, which the log-sum-exp's vote finds (ANY_PLAIN implies NEED_S).
         tl.static_assert(NEED_S or not ANY_PLAIN)
         gi = tl.zeros([], tl.int32)
-        # Penalised tokens are masked in this loop (-inf: never the max, a candidate or a key)
-        # and enter the row through the items above (_pen_chunk), so the loop reads only the
-        # bitmask words beside the logits; rows that choose in two levels need every token of
-        # a block, and look their penalised values up here instead. tl.range's software
-        # pipeline (NS stages) copies the next NS - 1 tiles into shared memory (cp.async) while
-        # this one computes, holding no registers (3 stages measured faster than a tile
-        # prefetched into registers by hand: v11).
-        for s0 in tl.range(start, end, TILE, num_stages=NS):
-            offs = s0 + lanes
-            mask = offs < end
-            x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            y = x
-            if HAS_PEN:
-                pword, phit = _pen_tile(pen_row, s0, end, onebit, TILE)
-                y = tl.where(phit, float("-inf"), x)
-                if ANY_GUMBEL:  # (compiled only for batches with such rows)
-                    if gum_row:
-                        y = _pen_tile_values(pen_row, s0, pword, phit, x, W, FAST, TILE)
-            # The lanes' own maxima (NaN-propagating: they flag NaN, and +inf shows in them) feed
-            # the chunk max and the votes below: one compare per lane, not per element.
-            lm = _lane_max(y, TILE, VEC)
-            ymax = _max_nan(ymax, lm)
-            if ANY_GUMBEL:
-                # exp(L - kb_row) = eb * exp(m_row / T - kb_row) for a block of log-mass L and
-                # mass eb against this tile's starting m_row (e below); 0.1% slack covers the
-                # rounding.
-                cb = tl.where(kb_row == float("-inf"), float("inf"),
-                              tl.exp2((m_row * ys - kb_row) * LOG2E) * 1.001)
-            if NEED_S or ANY_GUMBEL:
-                # exp(z - m_row) against the running max as this tile starts (the common case
-                # keeps it; a tile that raises the max recomputes its own terms)
-                e = tl.exp2(tl.fma(y, c2, -ml2))
-                # The running max rises in few tiles: a vote (one integer reduction) finds them,
-                # and only they reduce the tile's max across the lanes and count the elements at
-                # the max. (A NaN makes the sum NaN; its row is invalid through its flag.) One
-                # vote for this and the Gumbel test below measured slower than two (v11).
-                if _vote_bits(lm - m_row) >= 0:  # some y >= m_row (y - y is +0)
-                    tmax = tl.max(lm)
-                    if tmax > m_row:
-                        if ANY_PLAIN:
-                            # greedy rows' argmax: the first token at the new max (an equal
-                            # max in a later tile keeps the earlier token)
-                            gi = tl.min(tl.where(y == tmax, offs, INT32_MAX))
-                        f = tl.exp2((m_row - tmax) * c2)
-                        s_vec = s_vec * f
-                        s_extra = (s_extra + n_at) * f
-                        n_at = tl.zeros([], tl.float32)
-                        m_row = tmax
-                        ml2 = tmax * c2
-                    n_at += tl.sum((y == m_row).to(tl.float32))
-                    if NEED_S:
-                        s_vec += tl.where(y < m_row, tl.exp2(tl.fma(y, c2, -ml2)), 0.0)
-                else:
-                    if NEED_S:
-                        s_vec += e
-            if NEED_RAW:
-                rs_vec = _lse_update(rs_vec, rm_vec, x)
-                rm_vec = tl.maximum(rm_vec, x)
-            if ANY_TRUNC:
-                # a candidate y >= yth in some lane (the lanes' maxima decide; NaN votes yes)
-                if _vote_bits(lm - yth) >= 0:
-                    sel = y >= yth
-                    slot = pbase + ccnt * TILE + lanes
-                    keep = sel & (ccnt < D)
-                    tl.store(pc_ptr + slot, _pack_candidate(y, offs, FAST), mask=keep)
-                    ccnt += sel.to(tl.int32)
-            if ANY_GUMBEL:
-                if gum_row:
-                    # A block (mass eb against m_row) can only beat kb_row where its v < thr =
-                    # eb * cb: after the first tiles almost no tile has one, so a vote over a
-                    # cheap conservative form of that test (on the uniform's bits, before any
-                    # log) skips the whole tile. One hash per block, none per token.
-                    eb = tl.sum(tl.reshape(e, [NB, rs.BLOCK]), 1)
-                    # e is NaN for -inf tokens while m_row is still -inf (-inf - -inf): any
-                    # block could then win (cb = inf), so its mass reads as inf
-                    eb = tl.where(eb == eb, eb, float("inf"))
-                    hb = _u_mantissa(bk, blanes + s0 // rs.BLOCK)
-                    if _vote_bits(_beat_margin(hb, eb, cb)) > 0:
-                        kb, ki, kb_row = _block_update(y * ys, offs, hb, eb * cb, rk, kb, ki, kb_row, TILE, FAST)
+        # tl.range's software pipeline (NS stages) copies the next NS - 1 tiles into shared
+        # memory (cp.async) while this one computes, holding no registers (3 stages measured
+        # faster than a tile prefetched into registers by hand: v11). Full tiles need no mask; a row's last chunk may end in one partial tile, peeled off.
+        full = start + (end - start) // TILE * TILE
+        for s0 in tl.range(start, full, TILE, num_stages=NS):
+            ymax, m_row, ml2, n_at, s_extra, s_blk, rm_vec, rs_vec, kb, ki, kb_row, cb, gi, ccnt = _scan_tile(
+                s0, end, x_row, lanes, blanes, pen_row, onebit, W, gum_row, ys, c2, yth, pbase, pc_ptr, bk, rk,
+                ymax, m_row, ml2, n_at, s_extra, s_blk, rm_vec, rs_vec, kb, ki, kb_row, cb, gi, ccnt,
+                False, HAS_PEN, FAST, ANY_PLAIN, ANY_GUMBEL, ANY_TRUNC, NEED_S, NEED_RAW, TILE, VEC, D)
+        if full < end:
+            ymax, m_row, ml2, n_at, s_extra, s_blk, rm_vec, rs_vec, kb, ki, kb_row, cb, gi, ccnt = _scan_tile(
+                full, end, x_row, lanes, blanes, pen_row, onebit, W, gum_row, ys, c2, yth, pbase, pc_ptr, bk, rk,
+                ymax, m_row, ml2, n_at, s_extra, s_blk, rm_vec, rs_vec, kb, ki, kb_row, cb, gi, ccnt,
+                True, HAS_PEN, FAST, ANY_PLAIN, ANY_GUMBEL, ANY_TRUNC, NEED_S, NEED_RAW, TILE, VEC, D)
 
         ws = b64 * CS + c
         _store_chunk_max(ymax, T, Y, ws, cflag_ptr, cm_ptr, HAS_TEMP, FAST)
         if NEED_S:
-            oth = tl.sum(s_vec.to(tl.float64)) + s_extra.to(tl.float64) + tl.maximum(n_at - 1.0, 0.0).to(tl.float64)
+            oth = tl.sum(s_blk.to(tl.float64)) + s_extra.to(tl.float64) + tl.maximum(n_at - 1.0, 0.0).to(tl.float64)
             tl.store(cs_ptr + ws, oth)
         if NEED_RAW:
             rmc, roth = _lse_chunk(rm_vec, rs_vec)
