@@ -322,6 +322,26 @@ def _pack_candidate(y, t, FAST: tl.constexpr):
 
 
 @triton.jit
+def _store_candidate(ptr, packed, keep, FAST: tl.constexpr):
+    """*ptr = packed where keep, in the tile's own layout. The slots are scattered (a counter
+    per tile position), so tl.store's coalescing gives them one element per lane, and the tile
+    was read from shared memory a second time in that layout (with the penalty bits) on every
+    tile, emitting or not (bench/NOTES.md, v16). An inline PTX store is elementwise: no layout
+    of its own (on the GPU; tl.store elsewhere)."""
+    if FAST:
+        tl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            setp.ne.s32 p, $3, 0;
+            @p st.global.b64 [$1], $2;
+            mov.b32 $0, 0;
+            }""",
+            "=r,l,l,r", [ptr, packed, keep.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.store(ptr, packed, mask=keep)
+
+
+@triton.jit
 def _block_update(z, offs, hb, thr, rk, kb, ki, kb_row, TILE: tl.constexpr, FAST: tl.constexpr):
     """The two-level choice (:mod:`sampling.stream`) on one tile: each block of rs.BLOCK tokens
     whose noise could lift it above the best block so far (v < thr, as :func:`_gumbel_key`) gets
@@ -419,22 +439,23 @@ def _pen_words(pen_row, offs, mask, W, CM: tl.constexpr):
 
 
 @triton.jit
-def _pen_words_tile(pen_row, o0, end, TILE: tl.constexpr):
-    """The bitmask words of the tile o0 + [0, TILE) (o0 a multiple of 4): 4 consecutive tokens
-    share a word, so each group of 4 loads it once, broadcast to the 4 (the layout of
-    [TILE // 4, 4] matches the tile's 4-element vectors per lane)."""
-    q = o0 + 4 * tl.arange(0, TILE // 4)
+def _pen_words_tile(pen_row, o0, end, TILE: tl.constexpr, G: tl.constexpr):
+    """The bitmask words of the tile o0 + [0, TILE) (o0 a multiple of 32): G consecutive tokens
+    (G <= 32, the lanes' vector width) share a word, so each group of G loads it once, broadcast
+    to the G (the layout of [TILE // G, G] matches the tile's G-element vectors per lane: one
+    load per vector)."""
+    q = o0 + G * tl.arange(0, TILE // G)
     word = tl.load(pen_row + (q >> 5), mask=q < end, other=0)
-    return tl.reshape(tl.broadcast_to(word[:, None], [TILE // 4, 4]), [TILE])
+    return tl.reshape(tl.broadcast_to(word[:, None], [TILE // G, G]), [TILE])
 
 
 @triton.jit
-def _pen_tile(pen_row, o0, end, onebit, TILE: tl.constexpr):
+def _pen_tile(pen_row, o0, end, onebit, TILE: tl.constexpr, G: tl.constexpr):
     """(bitmask words, whether each token o0 + i of a tile is penalised), for o0 a multiple of
     32: bit i % 32 of its word, tested against ``onebit`` = 1 << (i % 32), which the caller
     computes once for all tiles (an AND per token instead of a shift, an AND and a compare on
     o0 + i)."""
-    word = _pen_words_tile(pen_row, o0, end, TILE)
+    word = _pen_words_tile(pen_row, o0, end, TILE, G)
     return word, (word & onebit) != 0
 
 
@@ -1088,7 +1109,7 @@ def _scan_tile(
         x = _widen(tl.load(x_row + s0 + lanes), FAST)
     y = x
     if HAS_PEN:
-        pword, phit = _pen_tile(pen_row, s0, end, onebit, TILE)
+        pword, phit = _pen_tile(pen_row, s0, end, onebit, TILE, VEC)
         y = tl.where(phit, float("-inf"), x)
         if ANY_GUMBEL:  # (compiled only for batches with such rows)
             if gum_row:
@@ -1148,7 +1169,7 @@ def _scan_tile(
             sel = y >= yth
             slot = pbase + ccnt * TILE + lanes
             keep = sel & (ccnt < D)
-            tl.store(pc_ptr + slot, _pack_candidate(y, s0 + lanes, FAST), mask=keep)
+            _store_candidate(pc_ptr + slot, _pack_candidate(y, s0 + lanes, FAST), keep, FAST)
             ccnt += sel.to(tl.int32)
     return ymax, m_row, ml2, n_at, s_extra, s_blk, rm_vec, rs_vec, kb, ki, kb_row, cb, gi, ccnt
 
