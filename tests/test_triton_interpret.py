@@ -576,6 +576,25 @@ def test_two_level_rows_with_penalties_match_the_reference(mixed):
     assert (free != ref[1]).sum() >= rows // 3
 
 
+def test_two_level_rows_whose_first_tiles_mix_masked_and_finite_tokens():
+    """While a chunk has seen no finite value, exp(z - max) is NaN for its -inf tokens, so a
+    block that mixes -inf and finite tokens has a NaN mass in the scan's cheap test. The scan
+    must still consider such blocks (the first finite tile decides the chunk's first best
+    block). Here every block of every row holds a -inf token, from the first tile on; rows
+    differ in where the finite tokens sit. A NaN read as "no chance" skips these tiles, and
+    the chosen tokens no longer match the reference's."""
+    rows, vocab = 16, 301
+    x = logits(rows, vocab, seed=8)
+    ids = np.arange(vocab)
+    for r in range(rows):
+        x[r, ids % 4 == r % 4] = -np.inf  # one -inf in each block of 4 (rs.BLOCK)
+        x[r, : 32 * (r % 3)] = -np.inf  # and some rows start with whole tiles of -inf
+    param = SamplingParam.from_numpy(temperature=np.full(rows, 0.7), seed=np.arange(rows) + 77)
+    ours, ref = run_both(x, param)
+    assert_same(ours, ref)
+    assert np.isfinite(x[np.arange(rows), ref[1]]).all()
+
+
 # ----------------------------------------------------------------------------- near-ties
 
 

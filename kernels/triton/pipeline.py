@@ -1139,7 +1139,10 @@ def _scan_tile(
         # and only they reduce the tile's max across the lanes and count the elements at
         # the max. (A NaN makes the sum NaN; its row is invalid through its flag.) One
         # vote for this and the Gumbel test above measured slower than two (v11).
-        if _vote_bits(lm - m_row) >= 0:  # some y >= m_row (y - y is +0)
+        # some y >= m_row (y - y is +0). While m_row is -inf, -inf - -inf is NaN: the GPU's
+        # arithmetic gives the canonical NaN, sign clear, so the vote takes the branch; the
+        # interpreter's (numpy on x86) has the sign set and takes it by the explicit test
+        if (_vote_bits(lm - m_row) >= 0) | ((m_row == float("-inf")) & (not FAST)):
             tmax = tl.max(lm)
             if tmax > m_row:
                 if ANY_PLAIN:
