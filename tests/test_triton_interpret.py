@@ -582,7 +582,9 @@ def test_two_level_rows_whose_first_tiles_mix_masked_and_finite_tokens():
     must still consider such blocks (the first finite tile decides the chunk's first best
     block). Here every block of every row holds a -inf token, from the first tile on; rows
     differ in where the finite tokens sit. A NaN read as "no chance" skips these tiles, and
-    the chosen tokens no longer match the reference's."""
+    the chosen tokens no longer match the reference's. Rows that start with whole tiles of
+    -inf also check the log-sum-exp's vote there (-inf - -inf is NaN, whose sign bit differs
+    between the GPU and numpy): a wrong branch returns NaN log-probabilities."""
     rows, vocab = 16, 301
     x = logits(rows, vocab, seed=8)
     ids = np.arange(vocab)
