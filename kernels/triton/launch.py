@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 import triton
 
+from sampling import stream
 from sampling.errors import InvalidLogitsError, SamplingInputError
 
 from . import pipeline as K
@@ -239,10 +240,11 @@ def run(step):
     greedy = host["greedy"]
     k = host["top_k"]
     active_k = (k > 0) & (k < vocab)
-    trunc = ~greedy & (active_k | (host["top_p"] < 1) | (host["min_p"] > 0))
+    two_level = stream.two_level_rows(host, vocab)
+    trunc = ~greedy & ~two_level
     any_trunc = bool(trunc.any())
     any_plain = bool((~trunc).any())
-    any_gumbel = bool((~trunc & ~greedy).any())
+    any_gumbel = bool(two_level.any())
     has_temp = bool((host["temperature"] != 1).any())
     mode = K.MODES[step.logprobs_mode]
     table = step.table_ids is not None

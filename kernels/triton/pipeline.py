@@ -231,10 +231,14 @@ def _beat_margin(m, e, cb):
 
 
 @triton.jit
-def _vote_bits(d):
+def _vote_bits(d, FAST: tl.constexpr):
     """The largest of d's float32 bit patterns read as int32, over the whole tensor (an integer
     reduction: one REDUX across the warp). It is >= 0 iff some element has its sign bit clear
-    (d >= +0, or a NaN with the sign clear) and > 0 iff some element is > +0 (or such a NaN)."""
+    (d >= +0, or a NaN) and > 0 iff some element is > +0 (or a NaN): a NaN votes yes. The GPU's
+    arithmetic returns the canonical NaN, sign clear; elsewhere (the interpreter's numpy: -inf -
+    -inf has the sign set on x86) NaNs are made positive first."""
+    if not FAST:
+        d = tl.where(d == d, d, float("inf"))
     return tl.max(d.to(tl.int32, bitcast=True))
 
 
@@ -1131,7 +1135,7 @@ def _scan_tile(
             # block could then win (cb = inf), so its mass reads as inf
             ebg = tl.where(eb == eb, eb, float("inf"))
             hb = _u_mantissa(bk, blanes + tl.cast(s0, tl.uint32) // rs.BLOCK)
-            if _vote_bits(_beat_margin(hb, ebg, cb)) > 0:
+            if _vote_bits(_beat_margin(hb, ebg, cb), FAST) > 0:
                 kb, ki, kb_row = _block_update(y * ys, s0 + lanes, hb, ebg * cb, rk, kb, ki, kb_row, TILE, FAST)
                 cb = _block_bound(m_row, kb_row, ys)
     if NEED_S or ANY_GUMBEL:
@@ -1139,10 +1143,8 @@ def _scan_tile(
         # and only they reduce the tile's max across the lanes and count the elements at
         # the max. (A NaN makes the sum NaN; its row is invalid through its flag.) One
         # vote for this and the Gumbel test above measured slower than two (v11).
-        # some y >= m_row (y - y is +0). While m_row is -inf, -inf - -inf is NaN: the GPU's
-        # arithmetic gives the canonical NaN, sign clear, so the vote takes the branch; the
-        # interpreter's (numpy on x86) has the sign set and takes it by the explicit test
-        if (_vote_bits(lm - m_row) >= 0) | ((m_row == float("-inf")) & (not FAST)):
+        # (some y >= m_row: y - y is +0, and while m_row is -inf, -inf - -inf is NaN)
+        if _vote_bits(lm - m_row, FAST) >= 0:
             tmax = tl.max(lm)
             if tmax > m_row:
                 if ANY_PLAIN:
@@ -1168,7 +1170,7 @@ def _scan_tile(
         rm_vec = tl.maximum(rm_vec, x)
     if ANY_TRUNC:
         # a candidate y >= yth in some lane (the lanes' maxima decide; NaN votes yes)
-        if _vote_bits(lm - yth) >= 0:
+        if _vote_bits(lm - yth, FAST) >= 0:
             sel = y >= yth
             slot = pbase + ccnt * TILE + lanes
             keep = sel & (ccnt < D)
