@@ -376,7 +376,7 @@ def _ids(row_ptr, i0, lanes, L, V):
     """History ids i0 + lanes of a row of length L: (positions, in-range flags, ids as int32 with
     0 where not in range). Padding, garbage and int64 extremes are simply out of range."""
     i = i0 + lanes
-    t = tl.load(row_ptr + i, mask=i < L, other=-1)
+    t = tl.load(row_ptr + tl.minimum(i, L - 1))
     ok = (t >= 0) & (t < V) & (i < L)
     return i, ok, tl.where(ok, t, 0).to(tl.int32)
 
@@ -737,8 +737,12 @@ def _prep_kernel(
     b64 = b.to(tl.int64)
     tl.store(ncand_ptr + b, 0)
     lanes = tl.arange(0, BL)
-    if PIVOT:
-        # the pivot's sample, loaded first: its DRAM round trip overlaps the penalty table's work
+    # The pivot's sample is loaded first, so that its DRAM round trip overlaps the penalty
+    # table's work, when that work is one pass (the cache's table, or no penalties). Held in
+    # registers through the raw ids' four phases, it left ptxas too few to issue a phase's
+    # loads together: there it is loaded after them (bench/NOTES.md, v17).
+    EARLY: tl.constexpr = TABLE or not (PEN_REP or PEN_OUT)
+    if PIVOT and EARLY:
         sbase, spos, smask, sx = _sample(x_ptr + b64 * x_stride, V, NS)
     if HAS_NEW:
         _table_add(rep_ptr + b64 * rep_stride, cnt_ptr + b64 * cnt_stride, pos_ptr + b, tl.load(new_ptr + b), R, V,
@@ -836,6 +840,8 @@ def _prep_kernel(
                         tl.store(zrow + slot, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
                         tl.store(id_row + slot, ts, mask=ok)
     if PIVOT:
+        if not EARLY:
+            sbase, spos, smask, sx = _sample(x_ptr + b64 * x_stride, V, NS)
         if PEN_REP or PEN_OUT:
             tl.debug_barrier()
         _pivot(sbase, spos, smask, sx, pen_ptr + b64 * RS, W, b, V,
@@ -1016,7 +1022,8 @@ def _pivot(base, pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr,
                 # expected candidates ~ j * V / ns: beyond the slots, skip straight to the fallback
                 if j * (V // ns) <= CAP:
                     if (V > NS) & (4 * j <= nruns):
-                        key = _key_search(kr, vr, j, band, tl.min(tl.where(vr, kr, INT32_MAX)).to(tl.int64), hi, 3)
+                        key = _key_search(kr, vr, j, band, tl.min(tl.where(vr, kr, INT32_MAX)).to(tl.int64), hi,
+                                          3 if NS // 8 < 1024 else 2)
                     else:
                         key = _key_search(ky, valid, j, band, tl.min(tl.where(valid, ky, INT32_MAX)).to(tl.int64),
                                           hi, 2)
