@@ -373,8 +373,10 @@ def _block_update(z, offs, hb, thr, rk, kb, ki, kb_row, TILE: tl.constexpr, FAST
 
 @triton.jit
 def _ids(row_ptr, i0, lanes, L, V):
-    """History ids i0 + lanes of a row of length L: (positions, in-range flags, ids as int32 with
-    0 where not in range). Padding, garbage and int64 extremes are simply out of range."""
+    """History ids i0 + lanes of a row of length L >= 1: (positions, in-range flags, ids as int32
+    with 0 where not in range). Padding, garbage and int64 extremes are simply out of range. The
+    load takes no mask (positions past L read the row's last id, then drop out): masked, each
+    element held a predicate, and ptxas issued a thread's loads one after another (v17)."""
     i = i0 + lanes
     t = tl.load(row_ptr + tl.minimum(i, L - 1))
     ok = (t >= 0) & (t < V) & (i < L)
