@@ -557,7 +557,8 @@ def main(argv=None):
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="batch sizes whose calls of ours are also profiled kernel by kernel")
     ap.add_argument("--variant", action="append", default=[],
-                    help="NAME:field=value,... extra runs of ours with changed launch.Config fields (first shape)")
+                    help="NAME[@B]:field=value,... extra runs of ours with changed launch.Config fields "
+                         "(the first shape, or every shape with B rows)")
     ap.add_argument("--warm-flashinfer-only", action="store_true",
                     help="only build FlashInfer's JIT modules (gpu_run.sh runs it alongside the tests)")
     ap.add_argument("--replot", help="only redraw the plot of a saved gpu_bench.json")

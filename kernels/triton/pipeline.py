@@ -1024,6 +1024,7 @@ def _pivot(base, pos, mask, x, pen_row, W, b, V, temp_ptr, greedy_ptr, topk_ptr,
                 # expected candidates ~ j * V / ns: beyond the slots, skip straight to the fallback
                 if j * (V // ns) <= CAP:
                     if (V > NS) & (4 * j <= nruns):
+                        # three cuts per step pack 10-bit counts: fewer than 1024 run maxima
                         key = _key_search(kr, vr, j, band, tl.min(tl.where(vr, kr, INT32_MAX)).to(tl.int64), hi,
                                           3 if NS // 8 < 1024 else 2)
                     else:
