@@ -83,6 +83,8 @@ class Config:
     #: (1024 / 8: S3 prep 68 -> 62 us at B = 256, v7).
     prep_block: int = 1024
     prep_warps: int = 8
+    #: Bitmask words (and raw-table slots) per loop step of the prep's zeroing and word prefix.
+    prep_words: int = 1024
     #: Launch prep, scan and finish with programmatic dependent launch where the GPU (sm_90+)
     #: and Triton support it: each waits for the one before at entry, and is launched as soon
     #: as every program of the one before has reached its end (pipeline._gdc_wait / _gdc_done).
@@ -93,7 +95,8 @@ GPU_CONFIG = Config()
 #: Small shapes under TRITON_INTERPRET=1, so that CPU tests visit every code path.
 INTERPRET_CONFIG = Config(tile=32, prep_block=16, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64,
                           programs_per_sm=2, min_chunk_tiles=1, emit_depth=4, finish_tile=16, finish_regs=32,
-                          finish_regs_low=16, finish_pairs=8, fallback_tile=32)
+                          finish_regs_low=16, finish_pairs=8, fallback_tile=32,
+                          prep_words=16)
 
 _override: Optional[Config] = None
 #: Tests set this to a dict to receive a copy of each row's status after the call
@@ -323,7 +326,7 @@ def run(step):
             HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, TABLE=table, HAS_NEW=new is not None,
             **hflags,
             PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
-            BL=cfg.prep_block, BW=16 if interpreting() else 1024,
+            BL=cfg.prep_block, BW=cfg.prep_words,
             PDL=pdl, launch_pdl=pdl, num_warps=cfg.prep_warps, enable_fp_fusion=False,
             # two programs per SM (B = 256 on 132 SMs): Triton 3.6 gave the penalised prep 161
             maxnreg=_regs(2 * cfg.prep_warps),

@@ -623,7 +623,8 @@ def _penalise(z, st, r, f, pp, PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr):
 
 @triton.jit
 def _word_prefix(pen_row, W, FAST: tl.constexpr, BW: tl.constexpr):
-    """The exclusive prefix of the bitmask words' set bits, after the bits (past a barrier)."""
+    """The exclusive prefix of the bitmask words' set bits, after the bits (past a barrier);
+    returns the number of set bits."""
     wl = tl.arange(0, BW)
     carry = tl.zeros([], tl.int32)
     for w0 in range(0, W, BW):
@@ -631,6 +632,7 @@ def _word_prefix(pen_row, W, FAST: tl.constexpr, BW: tl.constexpr):
                    FAST)
         tl.store(pen_row + W + w0 + wl, carry + tl.cumsum(pc, 0) - pc, mask=w0 + wl < W)
         carry += tl.sum(pc)
+    return carry
 
 
 @triton.jit
@@ -805,16 +807,18 @@ def _prep_kernel(
                     i, ok, ts = _ids(out_row, i0, lanes, O, V)
                     _set_bits(pen_row, ts, ok)
             tl.debug_barrier()
-            # Phase 2: the exclusive prefix of the words' set bits.
-            _word_prefix(pen_row, W, FAST, BW)
+            # Phase 2: the exclusive prefix of the words' set bits; n penalised tokens.
+            n = _word_prefix(pen_row, W, FAST, BW)
             tl.debug_barrier()
-            # Phase 3: seen flags and output counts, per slot.
+            # Phase 3: seen flags and output counts, per slot, and each slot's token id (every id
+            # of a token writes the same one).
             if PEN_REP:
                 for i0 in range(0, R, BL):
                     i, ok, ts = _ids(rep_row, i0, lanes, R, V)
                     word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
-                    tl.atomic_or(slot_row + _rank(word, pre, ts, FAST), tl.full([BL], 1, tl.int32), mask=ok,
-                                 sem="relaxed")
+                    slot = _rank(word, pre, ts, FAST)
+                    tl.atomic_or(slot_row + slot, tl.full([BL], 1, tl.int32), mask=ok, sem="relaxed")
+                    tl.store(id_row + slot, ts, mask=ok)
             if PEN_OUT:
                 for i0 in range(0, O, BL):
                     i, ok, ts = _ids(out_row, i0, lanes, O, V)
@@ -823,24 +827,21 @@ def _prep_kernel(
                     else:
                         w = tl.full([BL], 1, tl.int32)
                     word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
-                    tl.atomic_add(slot_row + _rank(word, pre, ts, FAST), 2 * w, mask=ok, sem="relaxed")
+                    slot = _rank(word, pre, ts, FAST)
+                    tl.atomic_add(slot_row + slot, 2 * w, mask=ok, sem="relaxed")
+                    tl.store(id_row + slot, ts, mask=ok)
             tl.debug_barrier()
-            # Phase 4: penalised values. Every id of a token writes the same value; the output
-            # ids skip tokens the prompt ids cover.
-            for li in tl.static_range(2):
-                if (li == 0 and PEN_REP) or (li == 1 and PEN_OUT):
-                    L = R if li == 0 else O
-                    ids_row = rep_row if li == 0 else out_row
-                    for i0 in range(0, L, BL):
-                        i, ok, ts = _ids(ids_row, i0, lanes, L, V)
-                        word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
-                        slot = _rank(word, pre, ts, FAST)
-                        st = tl.load(slot_row + slot, mask=ok, other=0, cache_modifier=".cg")
-                        if li == 1 and PEN_REP:
-                            ok = ok & ((st & 1) == 0)
-                        z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
-                        tl.store(zrow + slot, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
-                        tl.store(id_row + slot, ts, mask=ok)
+            # Phase 4: penalised values, per slot: its token and state are read in order, one
+            # gather of the logits per penalised token (not per id, after a second rank lookup:
+            # the ids' phase cost ~30% of the prep, bench/NOTES.md v18). Loads take no mask (the
+            # slot clamped to the last used one).
+            for s0 in range(0, n, BL):
+                sl = s0 + lanes
+                sc = tl.minimum(sl, n - 1)
+                ts = tl.load(id_row + sc, cache_modifier=".cg")
+                st = tl.load(slot_row + sc, cache_modifier=".cg")
+                z = tl.load(x_row + ts).to(tl.float32)
+                tl.store(zrow + sl, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=sl < n)
     if PIVOT:
         if not EARLY:
             sbase, spos, smask, sx = _sample(x_ptr + b64 * x_stride, V, NS)
