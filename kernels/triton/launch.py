@@ -54,10 +54,10 @@ class Config:
     emit_depth: int = 16
     #: Scan work items per row for the penalised tokens' slots (pipeline._pen_chunk), each over
     #: an equal share of the slots; they run before the chunks, delaying the chunks of the
-    #: programs that take them by their serial tiles. 8 at every batch size: against one item
-    #: at B >= 128 (the former rule), S4's scan -4 to -6 us at B = 256, S3 / S3c unchanged
-    #: (bench/NOTES.md, v13).
-    pen_items: int = 8
+    #: programs that take them by their serial tiles. 8 against one item at B >= 128 (the former
+    #: rule): S4's scan -4 to -6 us at B = 256 (bench/NOTES.md, v13); 4 against 8: bf16 S3c
+    #: -1.8 us, S3 -1.3 us at B = 256, -0.4 to -1.5 us at B = 1024 (v18).
+    pen_items: int = 4
     #: Persistent scan programs per SM (the scan grid is SMs x this, or the work items).
     programs_per_sm: int = 16
     #: A chunk spans >= min_chunk_tiles tiles.
@@ -76,6 +76,11 @@ class Config:
     finish_regs_low: int = 1024
     finish_pairs: int = 64
     finish_warps: int = 4
+    #: Finish programs resident per SM (registers capped to fit; 0: no cap) when the batch has
+    #: more rows than 3 per SM, the residency of the uncapped finish (~168 registers): at B = 1024
+    #: two waves instead of three, S2 / S3 / S3c -5 to -7 us; at B = 256 (one wave either way) the
+    #: cap measured 0.3-1 us slower, 6 or 8 per SM no faster than 3 (bench/NOTES.md, v18).
+    finish_programs_per_sm: int = 4
     #: Tile of the exact fallback, which runs in the finish's program (16 digit bins per
     #: element: keep the tile modest).
     fallback_tile: int = 256
@@ -83,6 +88,10 @@ class Config:
     #: (1024 / 8: S3 prep 68 -> 62 us at B = 256, v7).
     prep_block: int = 1024
     prep_warps: int = 8
+    #: Prep programs resident per SM (their registers capped to fit). 4 per SM (of 8 or 4 warps)
+    #: shortened the prep kernel under the profiler at B = 1024 but made the calls 18-35 us
+    #: slower in graphs; 3 of 8 warps too (bench/NOTES.md, v18).
+    prep_programs_per_sm: int = 2
     #: Bitmask words (and raw-table slots) per loop step of the prep's zeroing and word prefix.
     prep_words: int = 1024
     #: Launch prep, scan and finish with programmatic dependent launch where the GPU (sm_90+)
@@ -329,7 +338,7 @@ def run(step):
             BL=cfg.prep_block, BW=cfg.prep_words,
             PDL=pdl, launch_pdl=pdl, num_warps=cfg.prep_warps, enable_fp_fusion=False,
             # two programs per SM (B = 256 on 132 SMs): Triton 3.6 gave the penalised prep 161
-            maxnreg=_regs(2 * cfg.prep_warps),
+            maxnreg=_regs(cfg.prep_programs_per_sm * cfg.prep_warps),
         )
     K._scan_kernel[(nprog,)](
         x, x.stride(0), vocab, chunk_len, chunks, stats, rows, rows * chunks, rows * pen_items, span,
@@ -359,6 +368,8 @@ def run(step):
         FRL=min(cfg.finish_regs_low or cfg.finish_regs, cfg.finish_regs), FR=cfg.finish_regs,
         NKP=cfg.finish_pairs, TILE=cfg.fallback_tile,
         PDL=pdl, launch_pdl=pdl, num_warps=cfg.finish_warps, enable_fp_fusion=False,
+        **({"maxnreg": _regs(cfg.finish_programs_per_sm * cfg.finish_warps)}
+           if cfg.finish_programs_per_sm and rows > 3 * _sms(dev) else {}),
     )
     if DEBUG is not None:
         DEBUG["status"] = ws["status"].clone()
