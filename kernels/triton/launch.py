@@ -337,7 +337,8 @@ def run(step):
             PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
             BL=cfg.prep_block, BW=cfg.prep_words,
             PDL=pdl, launch_pdl=pdl, num_warps=cfg.prep_warps, enable_fp_fusion=False,
-            # two programs per SM (B = 256 on 132 SMs): Triton 3.6 gave the penalised prep 161
+            # prep_programs_per_sm programs per SM (2: B = 256 on 132 SMs in one wave); uncapped,
+            # Triton 3.6 gave the penalised prep 161 registers, one program per SM
             maxnreg=_regs(cfg.prep_programs_per_sm * cfg.prep_warps),
         )
     K._scan_kernel[(nprog,)](
