@@ -92,7 +92,8 @@ class Config:
     #: shortened the prep kernel under the profiler at B = 1024 but made the calls 18-35 us
     #: slower in graphs; 3 of 8 warps too (bench/NOTES.md, v18).
     prep_programs_per_sm: int = 2
-    #: Bitmask words (and raw-table slots) per loop step of the prep's zeroing and word prefix.
+    #: Bitmask words (and raw-table slots) per loop step of the prep's zeroing and word prefix
+    #: (8192, one step at V = 151936: S3 and S4 +5 us at B = 256, bench/NOTES.md v18).
     prep_words: int = 1024
     #: Launch prep, scan and finish with programmatic dependent launch where the GPU (sm_90+)
     #: and Triton support it: each waits for the one before at entry, and is launched as soon
