@@ -308,6 +308,36 @@ def test_dtypes_modes_and_top_n(dtype, mode):
     assert_same(ours, ref, n=3)
 
 
+def test_half_precision_batches_with_many_rows_per_sm_take_their_own_scan_grid(monkeypatch):
+    # 2-byte logits with more than 3 rows per SM (4 "SMs" off the GPU) run the scan on
+    # programs_per_sm_2byte programs per SM (launch.Config); float32 and that grid turned off
+    # keep programs_per_sm. Every grid gives the reference's results.
+    grids = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            grids.append(grid[0])
+            return self.fn[grid]
+
+    monkeypatch.setattr(K, "_scan_kernel", Recorder(K._scan_kernel))
+    rows = 16
+    x = logits(rows, 150, seed=12)
+    rng = np.random.default_rng(12)
+    param = SamplingParam.from_numpy(
+        temperature=rng.choice([0.0, 0.7, 1.0], rows), top_k=rng.choice([0, 5, 40], rows),
+        top_p=rng.choice([1.0, 0.9], rows), min_p=rng.choice([0.0, 0.05], rows), seed=np.arange(rows) + 1,
+    )
+    for dtype, cfg, grid in [("bfloat16", {}, 12), ("float16", {}, 12), ("float32", {}, 8),
+                             ("bfloat16", {"programs_per_sm_2byte": 0}, 8)]:
+        with _launch().use_config(**cfg):
+            ours, ref = run_both(x, param, dtype=dtype, n=2)
+        assert_same(ours, ref, n=2)
+        assert grids[-1] == grid, (dtype, cfg, grids)
+
+
 def test_top_n_beyond_survivors_lists_lowest_ids_at_minus_inf():
     x = logits(2, 64, seed=9)
     param = SamplingParam.from_numpy(top_k=np.array([2, 3]), seed=np.array([1, 2]))

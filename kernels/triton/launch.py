@@ -33,8 +33,10 @@ class Config:
     #: Pipeline stages of the scan's tile loop (tl.range's software pipeline: cp.async copies
     #: stages - 1 tiles ahead into shared memory, holding no registers; 1: no prefetch). 3 against
     #: the former prefetch of one tile into registers by hand: S2 113 -> 105 us at B = 256,
-    #: 393 -> 362 us at B = 1024 (bench/NOTES.md, v11).
-    scan_stages: int = 3
+    #: 393 -> 362 us at B = 1024 (bench/NOTES.md, v11); 4 against 3 (v19, two runs): bf16 at
+    #: B = 256 -1.4 (S1) to -3.9 us (S4), S3c 108.0 -> 104.8; fp32 -0.4 to -2.6 us at 256 and
+    #: 1024; bf16 at 1024 S1 -3.6, S4 -4.3, S2 -1.2, but S3 +3.0 and S3c +1.1; 5 was slower (v15).
+    scan_stages: int = 4
     #: Tile and warps of the top-n keys kernel.
     row_tile: int = 1024
     row_warps: int = 4
@@ -60,6 +62,12 @@ class Config:
     pen_items: int = 4
     #: Persistent scan programs per SM (the scan grid is SMs x this, or the work items).
     programs_per_sm: int = 16
+    #: ... for 2-byte logits (half the bytes of a tile in flight per warp) when the batch has
+    #: more than 3 rows per SM (0: programs_per_sm). bf16 at B = 1024, 24 against 16 (3 stages):
+    #: S2 / S3 / S3c -6 to -9 us, S4 -10 us, S1 -1 to -2 us (three runs); at B = 256 S1 +7 us
+    #: and the others within 1 us, fp32 no gain at either size; 20 between, 28 and 32 slower
+    #: (bench/NOTES.md, v19). The private candidate slots grow with the items (~100 MB at 1024).
+    programs_per_sm_2byte: int = 24
     #: A chunk spans >= min_chunk_tiles tiles.
     min_chunk_tiles: int = 4
     #: The finish (one program per row): up to finish_regs candidates held in registers, more
@@ -104,7 +112,7 @@ class Config:
 GPU_CONFIG = Config()
 #: Small shapes under TRITON_INTERPRET=1, so that CPU tests visit every code path.
 INTERPRET_CONFIG = Config(tile=32, prep_block=16, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64,
-                          programs_per_sm=2, min_chunk_tiles=1, emit_depth=4, finish_tile=16, finish_regs=32,
+                          programs_per_sm=2, programs_per_sm_2byte=3, min_chunk_tiles=1, emit_depth=4, finish_tile=16, finish_regs=32,
                           finish_regs_low=16, finish_pairs=8, fallback_tile=32,
                           prep_words=16)
 
@@ -283,7 +291,10 @@ def run(step):
     fast = dev.type == "cuda" and bool(
         ((host["temperature"] >= 2.0**-20) & (host["temperature"] <= 2.0**20)).all()
     )
-    nprog = cfg.programs_per_sm * _sms(dev)
+    pps = cfg.programs_per_sm
+    if cfg.programs_per_sm_2byte and x.element_size() == 2 and rows > 3 * _sms(dev):
+        pps = cfg.programs_per_sm_2byte
+    nprog = pps * _sms(dev)
     pdl = _pdl(dev, cfg)
     chunks, chunk_len = _chunking(rows, vocab, cfg, nprog)
     # With penalties the scan's chunks mask the penalised tokens, and cfg.pen_items more items
@@ -354,9 +365,9 @@ def run(step):
         NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, VEC=_vec(x, cfg.tile),
         D=cfg.emit_depth, TABLE=table, NS=cfg.scan_stages, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
         # every persistent program must be resident at once: cap the registers so that
-        # programs_per_sm of them fit in the SM's 64K (a 16th program left over to a second
-        # wave doubled S3's scan: bench/NOTES.md, v7)
-        maxnreg=_regs(cfg.programs_per_sm * cfg.scan_warps),
+        # pps of them fit in the SM's 64K (a 16th program left over to a second wave doubled
+        # S3's scan: bench/NOTES.md, v7; at 24, 80 registers, no spill under Triton 3.6)
+        maxnreg=_regs(pps * cfg.scan_warps),
     )
     K._finish_kernel[(rows,)](
         x, x.stride(0), vocab, stats,
