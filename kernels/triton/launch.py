@@ -62,11 +62,12 @@ class Config:
     pen_items: int = 4
     #: Persistent scan programs per SM (the scan grid is SMs x this, or the work items).
     programs_per_sm: int = 16
-    #: ... for 2-byte logits (half the bytes of a tile in flight per warp) when the batch has
-    #: more than 3 rows per SM (0: programs_per_sm). bf16 at B = 1024, 24 against 16 (3 stages):
-    #: S2 / S3 / S3c -6 to -9 us, S4 -10 us, S1 -1 to -2 us (three runs); at B = 256 S1 +7 us
-    #: and the others within 1 us, fp32 no gain at either size; 20 between, 28 and 32 slower
-    #: (bench/NOTES.md, v19). The private candidate slots grow with the items (~100 MB at 1024).
+    #: Scan programs per SM for 2-byte logits (half the bytes of a tile in flight per warp) when
+    #: the batch has more than 3 rows per SM (0: programs_per_sm). bf16 at B = 1024, 24 against
+    #: 16 (3 stages): S2 / S3 / S3c -6 to -9 us, S4 -10 us, S1 -1 to -2 us (three runs); at
+    #: B = 256 S1 +7 us and the others within 1 us, fp32 no gain at either size; 20 between, 28
+    #: and 32 slower (bench/NOTES.md, v19). The private candidate slots grow with the work items
+    #: (~100 MB at B = 1024).
     programs_per_sm_2byte: int = 24
     #: A chunk spans >= min_chunk_tiles tiles.
     min_chunk_tiles: int = 4
@@ -112,8 +113,8 @@ class Config:
 GPU_CONFIG = Config()
 #: Small shapes under TRITON_INTERPRET=1, so that CPU tests visit every code path.
 INTERPRET_CONFIG = Config(tile=32, prep_block=16, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64,
-                          programs_per_sm=2, programs_per_sm_2byte=3, min_chunk_tiles=1, emit_depth=4, finish_tile=16, finish_regs=32,
-                          finish_regs_low=16, finish_pairs=8, fallback_tile=32,
+                          programs_per_sm=2, programs_per_sm_2byte=3, min_chunk_tiles=1, emit_depth=4,
+                          finish_tile=16, finish_regs=32, finish_regs_low=16, finish_pairs=8, fallback_tile=32,
                           prep_words=16)
 
 _override: Optional[Config] = None
@@ -291,8 +292,10 @@ def run(step):
     fast = dev.type == "cuda" and bool(
         ((host["temperature"] >= 2.0**-20) & (host["temperature"] <= 2.0**20)).all()
     )
+    # more than 3 rows per SM: the scan's grid for 2-byte logits, the finish's register cap
+    busy = rows > 3 * _sms(dev)
     pps = cfg.programs_per_sm
-    if cfg.programs_per_sm_2byte and x.element_size() == 2 and rows > 3 * _sms(dev):
+    if cfg.programs_per_sm_2byte and x.element_size() == 2 and busy:
         pps = cfg.programs_per_sm_2byte
     nprog = pps * _sms(dev)
     pdl = _pdl(dev, cfg)
@@ -382,7 +385,7 @@ def run(step):
         NKP=cfg.finish_pairs, TILE=cfg.fallback_tile,
         PDL=pdl, launch_pdl=pdl, num_warps=cfg.finish_warps, enable_fp_fusion=False,
         **({"maxnreg": _regs(cfg.finish_programs_per_sm * cfg.finish_warps)}
-           if cfg.finish_programs_per_sm and rows > 3 * _sms(dev) else {}),
+           if cfg.finish_programs_per_sm and busy else {}),
     )
     if DEBUG is not None:
         DEBUG["status"] = ws["status"].clone()
