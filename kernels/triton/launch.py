@@ -292,12 +292,13 @@ def run(step):
     fast = dev.type == "cuda" and bool(
         ((host["temperature"] >= 2.0**-20) & (host["temperature"] <= 2.0**20)).all()
     )
+    sms = _sms(dev)
     # more than 3 rows per SM: the scan's grid for 2-byte logits, the finish's register cap
-    busy = rows > 3 * _sms(dev)
+    busy = rows > 3 * sms
     pps = cfg.programs_per_sm
     if cfg.programs_per_sm_2byte and x.element_size() == 2 and busy:
         pps = cfg.programs_per_sm_2byte
-    nprog = pps * _sms(dev)
+    nprog = pps * sms
     pdl = _pdl(dev, cfg)
     chunks, chunk_len = _chunking(rows, vocab, cfg, nprog)
     # With penalties the scan's chunks mask the penalised tokens, and cfg.pen_items more items
