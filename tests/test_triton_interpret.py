@@ -346,7 +346,10 @@ def test_top_n_beyond_survivors_lists_lowest_ids_at_minus_inf():
     assert np.isneginf(ours.top_logprobs.numpy()[:, 3:]).all()
 
 
-def test_penalties_with_padding_garbage_and_counts():
+@pytest.mark.parametrize("two_level", [False, True])
+def test_penalties_with_padding_garbage_and_counts(two_level):
+    # With ``two_level``, row 1 chooses in two levels: its scan chunks read the penalised values
+    # of its tokens, which the other rows' chunks mask (and the penalised-token items take).
     rows, vocab = 3, 96
     rng = np.random.default_rng(4)
     x = logits(rows, vocab, seed=4)
@@ -360,11 +363,12 @@ def test_penalties_with_padding_garbage_and_counts():
     param = SamplingParam.from_numpy(
         repetition_penalty=np.array([1.3, 0.7, 1.0]), frequency_penalty=np.array([0.4, -0.3, 0.0]),
         presence_penalty=np.array([0.2, 0.5, -1.0]), temperature=np.array([0.9, 1.0, 0.0]),
-        top_k=np.array([20, 0, 0]), seed=np.array([3, 4, 5]),
+        top_k=np.array([20, 0, 0]), top_p=np.array([1.0, 1.0 if two_level else 0.9, 1.0]), seed=np.array([3, 4, 5]),
     )
     for mode in ("sampling", "processed", "raw"):
-        ours, ref = run_both(x, param, data, mode=mode, n=2)
-        assert_same(ours, ref, n=2)
+        # n = V: every token's processed value is in the top-n lists
+        ours, ref = run_both(x, param, data, mode=mode, n=vocab)
+        assert_same(ours, ref, n=vocab)
 
 
 @pytest.mark.parametrize("programs_per_sm", [2, 128])
@@ -454,11 +458,14 @@ def test_penalties_use_out_counts_and_given_positions():
     np.testing.assert_allclose(lp.numpy(), ref[0], rtol=1e-5, atol=1e-6)
 
 
-def test_cache_table_insertions_match_the_stateless_path():
+@pytest.mark.parametrize("truncated", [False, True])
+def test_cache_table_insertions_match_the_stateless_path(truncated):
     """The prep's insertion of the cache's pending token and its table pass over several blocks
     of 16 columns: new ids inserted at the front, at a block boundary, in the middle and at the
     end, known ids counted again, against the stateless path over the raw ids. Every processed
-    value is in the top-n lists (n = V), so a wrong penalised value or a lost table entry shows."""
+    value is in the top-n lists (n = V), so a wrong penalised value or a lost table entry shows.
+    With ``truncated`` (top-k on every row) the rows take the candidate path, otherwise they
+    choose in two levels; both are checked against the reference too."""
     rows, vocab = 4, 96
     rng = np.random.default_rng(12)
     # 40 distinct even ids 8..86 (then repeats): an odd id 2r + 7 is new, with rank r
@@ -473,7 +480,7 @@ def test_cache_table_insertions_match_the_stateless_path():
     param = SamplingParam.from_numpy(
         repetition_penalty=np.array([1.3, 0.8, 1.5, 1.1]), frequency_penalty=np.array([0.5, 0.25, 0.0, 1.0]),
         presence_penalty=np.array([0.3, 0.0, 0.7, 0.1]), temperature=np.array([0.9, 1.0, 1.3, 0.7]),
-        seed=np.arange(rows) + 5,
+        top_k=np.full(rows, 60 if truncated else 0), seed=np.arange(rows) + 5,
     )
     rids = np.arange(rows) + 40
     cached = Sampler(backend="triton", seed=3, num_logprobs=vocab, logprobs_mode="processed")
@@ -486,6 +493,9 @@ def test_cache_table_insertions_match_the_stateless_path():
         got, want = cached(x, data, param), stateless(x, full, param)
         for g, w in zip(got, want):
             assert torch.equal(g, w), step
+        ref = reference.sample(x.numpy(), param.arrays, rep_ids=hist, out_ids=out, sampler_seed=3, call=step,
+                               logprobs_mode="processed", num_logprobs=vocab)
+        assert_same(got, ref, n=vocab)
         if step < new.shape[1]:
             out = np.concatenate([out, new[:, step : step + 1]], 1)
     table = cached.cache.table
