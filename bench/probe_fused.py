@@ -1,0 +1,153 @@
+"""What one kernel per call would give at B = 1 (S2): a probe of a fused small-batch structure (GPU).
+
+    python bench/probe_fused.py [--chunk 1024] [--warps 4]
+
+The pipeline runs three kernels in series (prep: the pivot; scan: chunks and candidates;
+finish: the exact top-k / top-p / choice), ~25 us at B = 1 S2 against the target of 15. This
+probe fuses them for one row, reusing the pipeline's own functions: every program of the grid
+(one per chunk of the row) computes the pivot from the row's sample itself (``_sample``,
+``_pivot``), emits its chunk's candidates (one atomic per program for room in the row's list),
+then counts itself done (an acquire-release atomic); the last program to arrive runs the
+finish's candidate path (``_candidates_row``) and resets the counters for the next call. No
+program waits for another, so it also runs under TRITON_INTERPRET=1.
+
+Scope: S2 only (fp32, temperature, top-k, top-p, seeded rows, "sampling" log-probabilities),
+no penalties, no fallback, no NaN checks: a bound on what the structure costs, not a backend.
+Its tokens and log-probabilities must equal the pipeline's (same row keys); both are timed in
+the same process as CUDA-graph medians over inputs rotated through >= 4x the L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sampling.kernels.triton.pipeline import (  # noqa: E402
+    _candidates_row, _div, _pivot, _recip, _row_flags, _sample,
+)
+
+
+@triton.jit
+def _fused(x_ptr, V, CH, P, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr,
+           ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, cm_ptr, done_ptr, rowkey_ptr, tok_ptr, lp_ptr, status_ptr, CAP,
+           FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr, CT: tl.constexpr, CP: tl.constexpr,
+           FT: tl.constexpr, FRL: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr,
+           PIVOT: tl.constexpr = True, FINISH: tl.constexpr = True):
+    c = tl.program_id(0)
+    b = tl.zeros([], tl.int32)
+    lanes = tl.arange(0, CT)
+    offs = c * CH + lanes
+    msk = (lanes < CH) & (offs < V)
+    y = tl.load(x_ptr + offs, mask=msk, other=float("-inf"))
+    if PIVOT:  # (False, for the breakdown: the threshold of the call before)
+        sbase, spos, smask, sx = _sample(x_ptr, V, NS)
+        # every program computes the same pivot and stores the same theta
+        _pivot(sbase, spos, smask, sx, x_ptr, 0, b, V, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr,
+               theta_ptr, ythr_ptr, CAP, False, True, FAST, NS, J0)
+        tl.debug_barrier()
+    yth = tl.load(ythr_ptr + b, cache_modifier=".cg")
+    T = tl.load(temp_ptr + b)
+    Y = _recip(T, FAST)
+    tl.store(cm_ptr + c, _div(tl.max(y), T, Y, FAST))
+    sel = msk & (y >= yth)
+    si = sel.to(tl.int32)
+    n = tl.sum(si)
+    if n > 0:
+        base = tl.atomic_add(ncand_ptr + b, n, sem="relaxed")
+        dst = base + tl.cumsum(si, 0) - 1
+        ok = sel & (dst < CAP)
+        tl.store(cval_ptr + dst, _div(y, T, Y, FAST), mask=ok)
+        tl.store(cidx_ptr + dst, offs, mask=ok)
+    tl.debug_barrier()
+    prev = tl.atomic_add(done_ptr, 1, sem="acq_rel")
+    if (prev == P - 1) & (not FINISH):
+        tl.store(ncand_ptr + b, 0)
+        tl.store(done_ptr, 0)
+    if (prev == P - 1) & FINISH:
+        cc = tl.arange(0, CP)
+        m = tl.max(tl.load(cm_ptr + cc, mask=cc < P, other=float("-inf"), cache_modifier=".cg"))
+        greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
+        status, tok, lp, tau, lse = _candidates_row(
+            b, k, p, mp, active_k, active_p, m, tl.zeros([], tl.float64), theta_ptr, ncand_ptr, cval_ptr, cidx_ptr,
+            cw_ptr, rowkey_ptr, CAP, False, FT, FRL, FR, NKP)
+        tl.store(tok_ptr, tok.to(tl.int64))
+        tl.store(lp_ptr, lp.to(tl.float32))
+        tl.store(status_ptr, status)
+        tl.store(ncand_ptr + b, 0)
+        tl.store(done_ptr, 0)
+
+
+def main():
+    from bench_gpu import time_graph  # (bench/ is the script's directory)
+
+    from sampling import Sampler, SamplingParam
+    from sampling.kernels.triton import launch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--chunk", type=int, nargs="*", default=[1024, 2048, 4096, 512])
+    ap.add_argument("--warps", type=int, nargs="*", default=[4, 8, 16])
+    ap.add_argument("--check-only", action="store_true", help="no timing (CPU, under TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    V = args.vocab
+    dev = torch.device("cpu" if args.check_only else "cuda")
+    cfg = launch.config()
+    nbuf = max(2, -(-4 * 50 * 2**20 // (V * 4)))
+    g = torch.Generator().manual_seed(0)
+    xs = [(torch.randn(1, V, generator=g) * 3).to(dev) for _ in range(nbuf)]
+    prm = SamplingParam.from_numpy(temperature=np.array([0.7]), top_k=np.array([50]), top_p=np.array([0.9]),
+                                   seed=np.array([12345]), to_tensor=lambda a: torch.from_numpy(a).to(dev))
+    s = Sampler(backend="triton", seed=1)
+    nref = 4 if args.check_only else 32
+    ref = [s(x, None, prm) for x in xs[:nref]]
+    ws = next(v for k, v in s._state["triton"].items() if isinstance(k, tuple) and k[0] == "ws")
+    rowkey = ws["rowkey"].clone()
+
+    f32 = dict(dtype=torch.float32, device=dev)
+    i32 = dict(dtype=torch.int32, device=dev)
+    temp, topp, minp = (torch.tensor([v], **f32) for v in (0.7, 0.9, 0.0))
+    greedy, topk = torch.zeros(1, **i32), torch.tensor([50], **i32)
+    theta, ythr = torch.empty(1, **f32), torch.empty(1, **f32)
+    ncand, done = torch.zeros(1, **i32), torch.zeros(1, **i32)
+    cval, cidx = torch.empty(cfg.cap, **f32), torch.empty(cfg.cap, **i32)
+    cw = torch.empty(cfg.cap, dtype=torch.int64, device=dev)
+    tok, lp, status = torch.empty(1, dtype=torch.int64, device=dev), torch.empty(1, **f32), torch.empty(1, **i32)
+
+    if not args.check_only:
+        us_ref = time_graph(torch, lambda i: s(xs[i], None, prm), nbuf)[0]
+        print(f"pipeline (prep + scan + finish)           {us_ref:7.2f} us", flush=True)
+    for chunk in args.chunk:
+        P = triton.cdiv(V, chunk)
+        cm = torch.empty(P, **f32)
+        for warps, parts in [(w, "") for w in args.warps] + [(8, "no pivot"), (8, "no finish")]:
+            if parts and chunk != args.chunk[0]:
+                continue
+
+            def fn(i, P=P, cm=cm, chunk=chunk, warps=warps, parts=parts):
+                _fused[(P,)](xs[i], V, chunk, P, temp, greedy, topk, topp, minp, theta, ythr, ncand, cval, cidx, cw,
+                             cm, done, rowkey, tok, lp, status, cfg.cap, FAST=not args.check_only, NS=cfg.sample, J0=cfg.pivot_j0,
+                             CT=triton.next_power_of_2(chunk), CP=triton.next_power_of_2(P), FT=cfg.finish_tile,
+                             FRL=cfg.finish_regs_low, FR=cfg.finish_regs, NKP=cfg.finish_pairs,
+                             PIVOT=parts != "no pivot", FINISH=parts != "no finish",
+                             num_warps=warps, enable_fp_fusion=False)
+            same = 0
+            for i, r in enumerate(ref):
+                fn(i)
+                if args.check_only:
+                    print("   ", i, tok.item(), int(r.next_tokens[0]), lp.item(), float(r.logprobs[0]), status.item())
+                same += int(tok.item() == int(r.next_tokens[0]) and lp.item() == float(r.logprobs[0])
+                            and status.item() == 0)
+            us = float("nan") if args.check_only else time_graph(torch, fn, nbuf)[0]
+            print(f"fused: {P} programs of {chunk}, {warps} warps {parts:9s}  {us:7.2f} us   "
+                  f"same token and logprob: {same}/{len(ref)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
