@@ -1,6 +1,7 @@
 """What one kernel per call would give at B = 1 (S2): a probe of a fused small-batch structure (GPU).
 
-    python bench/probe_fused.py [--chunk 1024] [--warps 4]
+    python bench/probe_fused.py [--chunk 1024 ...] [--warps 4 ...]
+    TRITON_INTERPRET=1 python bench/probe_fused.py --check-only --vocab 200 --chunk 32 --warps 1
 
 The pipeline runs three kernels in series (prep: the pivot; scan: chunks and candidates;
 finish: the exact top-k / top-p / choice), ~25 us at B = 1 S2 against the target of 15. This
@@ -132,7 +133,8 @@ def main():
 
             def fn(i, P=P, cm=cm, chunk=chunk, warps=warps, parts=parts):
                 _fused[(P,)](xs[i], V, chunk, P, temp, greedy, topk, topp, minp, theta, ythr, ncand, cval, cidx, cw,
-                             cm, done, rowkey, tok, lp, status, cfg.cap, FAST=not args.check_only, NS=cfg.sample, J0=cfg.pivot_j0,
+                             cm, done, rowkey, tok, lp, status, cfg.cap, FAST=not args.check_only,
+                             NS=cfg.sample, J0=cfg.pivot_j0,
                              CT=triton.next_power_of_2(chunk), CP=triton.next_power_of_2(P), FT=cfg.finish_tile,
                              FRL=cfg.finish_regs_low, FR=cfg.finish_regs, NKP=cfg.finish_pairs,
                              PIVOT=parts != "no pivot", FINISH=parts != "no finish",
