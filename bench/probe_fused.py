@@ -15,7 +15,9 @@ program waits for another, so it also runs under TRITON_INTERPRET=1.
 Scope: S2 only (fp32, temperature, top-k, top-p, seeded rows, "sampling" log-probabilities),
 no penalties, no fallback, no NaN checks: a bound on what the structure costs, not a backend.
 Its tokens and log-probabilities must equal the pipeline's (same row keys); both are timed in
-the same process as CUDA-graph medians over inputs rotated through >= 4x the L2.
+the same process as CUDA-graph medians over inputs rotated through >= 4x the L2. (Under the
+interpreter's small Config, with a 64-value sample, some calls' candidates miss the top-k:
+status 2, which the pipeline settles by its fallback and the probe does not.)
 """
 
 from __future__ import annotations
