@@ -29,9 +29,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_gpu import time_graph  # noqa: E402  (bench/ is the script's directory)
-from sampling.kernels.triton.pipeline import _key_search, _okey  # noqa: E402
-
-INT32_MIN = tl.constexpr(-2147483648)
+from sampling.kernels.triton.pipeline import INT32_MIN, _key_search, _okey  # noqa: E402
 
 
 @triton.jit
