@@ -316,6 +316,61 @@ def test_whole_call_captured_in_a_cuda_graph_and_replayed():
     assert (a[free] != b[free]).any()
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_one_launch_path_equals_the_pipeline_and_replays_from_a_graph(rows, monkeypatch):
+    # Small batches of top-k rows without penalties run as one cooperative launch with grid
+    # barriers (pipeline._small_kernel): the same tokens and log-probabilities as the
+    # three-kernel pipeline, bit for bit ("sampling" log-probabilities and top-n: sums over the
+    # survivors are exact), in both dtypes; then the call captured in a CUDA graph, with
+    # unseeded rows, replayed against the reference.
+    from sampling.kernels.triton import launch
+
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    rng = np.random.default_rng(40 + rows)
+    calls = 6 if SMALL else 24
+    for i in range(calls):
+        dtype = (torch.float32, torch.bfloat16)[i % 2]
+        xt = randn_logits(rows, seed=300 + i).to(dtype)
+        param = SamplingParam.from_numpy(
+            temperature=rng.choice([0.7, 1.0, 1.5], rows), top_k=rng.choice([1, 20, 50, 70], rows),
+            top_p=rng.choice([1.0, 0.9, 0.5], rows), min_p=rng.choice([0.0, 0.05], rows),
+            seed=rng.integers(0, 2**62, rows), to_tensor=cuda)
+        ours = Sampler(backend="triton", num_logprobs=3)(xt, None, param)
+        assert debug["small"] and (debug["status"] == 0).all()
+        with launch.use_config(small_rows=0):
+            pipe = Sampler(backend="triton", num_logprobs=3)(xt, None, param)
+        assert not debug["small"]
+        assert torch.equal(ours[1], pipe[1]) and torch.equal(ours[0], pipe[0]), i
+        assert torch.equal(ours.top_ids, pipe.top_ids) and torch.equal(ours.top_logprobs, pipe.top_logprobs)
+        x = xt.float().cpu().numpy()
+        # (one or two rows per call: no fraction to hold; every disagreement must be a near-tie)
+        check_agreement(x, param, ours, ref_sample(x, param), min_frac=0.0)
+    if NO_CACHE:
+        return  # graph capture needs PyTorch's caching allocator
+    param = SamplingParam.from_numpy(temperature=np.full(rows, 0.7), top_k=np.full(rows, 50),
+                                     top_p=np.full(rows, 0.9), to_tensor=cuda)
+    static = randn_logits(rows, seed=600)
+    sampler = Sampler(backend="triton", seed=99)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        sampler(static, None, param)  # call 0 compiles
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sampler(static, None, param)
+    assert debug["small"]
+    for call in (1, 2, 3):
+        fresh = randn_logits(rows, seed=700 + call)
+        static.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.sample(fresh.cpu().numpy(), param.arrays, sampler_seed=99, call=call)
+        np.testing.assert_array_equal(out[1].cpu().numpy(), ref[1])
+        np.testing.assert_allclose(out[0].cpu().numpy(), ref[0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["S2", "S3", "top_p", "mixed"])
 def test_identical_calls_are_bit_identical_and_the_fallback_agrees(kind, monkeypatch):
     # Work items append candidates in whatever order they finish; the finish sums masses as

@@ -265,6 +265,106 @@ def test_code_path_matches_reference(path, monkeypatch):
     np.testing.assert_array_equal(debug["status"].numpy(), expected)
 
 
+# One launch for small batches (pipeline._small_kernel; here its three phases as launches). With
+# the interpreter's Config and 4 "SMs", V = 200 gives 7 chunks per row at B = 1, 4 at B = 2:
+# the pivot (the k-th largest chunk max) needs k <= that.
+SMALL_CASES = {
+    "top_k": (dict(top_k=[5], temperature=[0.7]), {}, [0]),
+    "k_is_chunks": (dict(top_k=[7], top_p=[0.8], temperature=[1.3]), {}, [0]),
+    "two_rows": (dict(top_k=[4, 2], top_p=[0.9, 1.0], min_p=[0.0, 0.1], temperature=[0.5, 1.0]), {}, [0, 0]),
+    "unseeded": (dict(top_k=[3, 4], top_p=[0.7, 0.95]), {}, [0, 0]),
+    # more candidates than slots: the finish's exact fallback, in the same program
+    "overflow": (dict(top_k=[6], temperature=[9.0]), dict(cap=4), [2]),
+}
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("case", sorted(SMALL_CASES))
+def test_one_launch_path_matches_reference_and_pipeline(case, ties, monkeypatch):
+    kw, cfg, expected = SMALL_CASES[case]
+    launch = _launch()
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    rows = len(expected)
+    x = logits(rows, 200, seed=len(case), ties=ties)
+    seeds = np.full(rows, -1) if case == "unseeded" else np.arange(rows) + 3
+    param = SamplingParam.from_numpy(seed=seeds, **{k: np.array(v) for k, v in kw.items()})
+    with launch.use_config(**cfg):
+        for mode in ("sampling", "processed"):
+            ours, ref = run_both(x, param, mode=mode, n=3)
+            assert debug["small"]
+            assert_same(ours, ref, n=3)
+            np.testing.assert_array_equal(debug["status"].numpy(), expected)
+            with launch.use_config(small_rows=0):
+                pipe, _ = run_both(x, param, mode=mode, n=3)
+            assert not debug["small"]
+            assert torch.equal(ours[1], pipe[1]) and torch.equal(ours.top_ids, pipe.top_ids)
+            if mode == "sampling":  # (the survivors' sums are exact; the row's depend on the chunks)
+                assert torch.equal(ours[0], pipe[0]) and torch.equal(ours.top_logprobs, pipe.top_logprobs)
+
+
+def test_one_launch_path_only_where_it_applies(monkeypatch):
+    # k above the chunks per row, a row without top-k, penalties, or too many rows: the pipeline
+    launch = _launch()
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    x = logits(3, 200, seed=2)
+    hist = SamplingData.from_numpy(all_input_ids=np.array([[1, 2, 3]]), output_ids=np.array([[2, 3]]))
+    for rows, kw, data, small in [
+        (1, dict(top_k=[7]), None, True),
+        (1, dict(top_k=[8]), None, False),
+        (2, dict(top_k=[4, 5]), None, False),
+        (2, dict(top_k=[4, 0], top_p=[1.0, 0.9]), None, False),
+        (2, dict(top_k=[4, 3], temperature=[0.0, 1.0]), None, False),
+        (1, dict(top_k=[3], repetition_penalty=[1.2]), hist, False),
+        (3, dict(top_k=[2, 2, 2]), None, False),
+    ]:
+        param = SamplingParam.from_numpy(seed=np.arange(rows) + 1, **{k: np.array(v) for k, v in kw.items()})
+        ours, ref = run_both(x[:rows], param, data)
+        assert debug["small"] == small, (rows, kw)
+        assert_same(ours, ref)
+    with launch.use_config(small_rows=3):
+        param = SamplingParam.from_numpy(top_k=np.array([2, 2, 2]), seed=np.array([1, 2, 3]))
+        assert_same(*run_both(x, param))
+        assert debug["small"]
+
+
+def test_one_launch_path_advances_the_call_counter_once_per_call(monkeypatch):
+    launch = _launch()
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    x = logits(2, 200, seed=9)
+    param = SamplingParam.from_numpy(top_k=np.array([4, 3]), top_p=np.array([0.9, 1.0]))
+    s = Sampler(backend="triton", seed=2024)
+    for call in range(3):
+        ours = s(torch.from_numpy(x), None, param)
+        assert debug["small"]
+        np.testing.assert_array_equal(ours[1].numpy(), reference.sample(x, param.arrays, sampler_seed=2024,
+                                                                        call=call)[1])
+
+
+def test_one_launch_path_flags_invalid_rows(monkeypatch):
+    launch = _launch()
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    x = logits(2, 200, seed=12)
+    param = SamplingParam.from_numpy(top_k=np.array([3, 4]), seed=np.array([1, 2]))
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        if bad == -np.inf:
+            y[1, :] = bad
+        else:
+            y[1, 77] = bad
+        out = Sampler(backend="triton", check_logits=False, num_logprobs=2)(torch.from_numpy(y), None, param)
+        assert debug["small"]
+        ref = reference.sample(y[:1], param.take(np.arange(1)).arrays, sampler_seed=0, call=0)
+        assert out[1][0].item() == ref[1][0] and out[1][1].item() == -1 and np.isnan(out[0][1].item())
+        assert (out.top_ids.numpy()[1] == -1).all()
+        np.testing.assert_array_equal(debug["status"].numpy(), [0, 1])
+        with pytest.raises(InvalidLogitsError, match="row 1"):
+            Sampler(backend="triton", check_logits=True)(torch.from_numpy(y), None, param)
+
+
 @pytest.mark.parametrize("regs,low,pairs", [(1, 1, 1), (1, 1, 256), (256, 1, 1), (256, 256, 256), (256, 16, 256)])
 def test_finish_register_and_chunked_paths(regs, low, pairs, monkeypatch):
     # candidates held in registers (arrays of finish_regs or of finish_regs_low slots) or read

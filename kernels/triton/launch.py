@@ -104,6 +104,18 @@ class Config:
     #: Bitmask words (and raw-table slots) per loop step of the prep's zeroing and word prefix
     #: (8192, one step at V = 151936: S3 and S4 +5 us at B = 256, bench/NOTES.md v18).
     prep_words: int = 1024
+    #: Batches of up to small_rows rows, every row truncated with top-k (k <= the chunks per row)
+    #: and no penalties, run as one launch (pipeline._small_kernel): chunks of small_chunk values,
+    #: doubled until small_per_sm programs of small_warps warps per SM hold the grid (registers
+    #: capped to fit), two grid barriers, the pivot from the chunks' maxima (0: off). fp32 S2 at
+    #: B = 1 measured 23.5 -> 13.2 us in a probe of this structure (bench/NOTES.md, v22).
+    small_rows: int = 2
+    small_chunk: int = 1024
+    small_warps: int = 8
+    small_per_sm: int = 2
+    #: The finish's low register tier in the one-launch path, whose pivot leaves ~60 candidates
+    #: per row at k = 50 (a probe: 22.2 -> 20.7 us against 1024 slots, bench/NOTES.md v22).
+    small_regs_low: int = 128
     #: Launch prep, scan and finish with programmatic dependent launch where the GPU (sm_90+)
     #: and Triton support it: each waits for the one before at entry, and is launched as soon
     #: as every program of the one before has reached its end (pipeline._gdc_wait / _gdc_done).
@@ -115,7 +127,7 @@ GPU_CONFIG = Config()
 INTERPRET_CONFIG = Config(tile=32, prep_block=16, row_tile=32, row_warps=1, sample=64, pivot_j0=2, cap=64,
                           programs_per_sm=2, programs_per_sm_2byte=3, min_chunk_tiles=1, emit_depth=4,
                           finish_tile=16, finish_regs=32, finish_regs_low=16, finish_pairs=8, fallback_tile=32,
-                          prep_words=16)
+                          prep_words=16, small_chunk=16, small_warps=1, small_regs_low=4)
 
 _override: Optional[Config] = None
 #: Tests set this to a dict to receive a copy of each row's status after the call
@@ -190,14 +202,16 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _workspace(state: Dict[str, Any], device, rows: int, chunks: int, stats: int, cfg: Config, trunc: bool):
+def _workspace(state: Dict[str, Any], device, rows: int, chunks: int, stats: int, cfg: Config, trunc: bool,
+               scan: bool = True):
     """Per-shape scratch buffers, kept in the sampler's state so graph replays reuse them
-    (``stats`` per-chunk statistics per row: the scan's chunks, then its penalised-token items)."""
-    key = ("ws", device, rows, chunks, stats, cfg.cap, cfg.tile * cfg.emit_depth, trunc)
+    (``stats`` per-chunk statistics per row: the scan's chunks, then its penalised-token items;
+    the scan's private candidate slots unless ``scan`` is False: the one-launch path)."""
+    key = ("ws", device, rows, chunks, stats, cfg.cap, cfg.tile * cfg.emit_depth, trunc, scan)
     ws = state.get(key)
     if ws is None:
         n = rows * stats
-        slots = rows * chunks * cfg.tile * cfg.emit_depth if trunc else 1
+        slots = rows * chunks * cfg.tile * cfg.emit_depth if trunc and scan else 1
         cands = rows * cfg.cap if trunc else 1
 
         def e(size, dtype):
@@ -214,6 +228,23 @@ def _workspace(state: Dict[str, Any], device, rows: int, chunks: int, stats: int
         )
         state[key] = ws
     return ws
+
+
+def _small_chunking(rows: int, vocab: int, cfg: Config, sms: int):
+    """(chunk length, chunks per row) of the one-launch path: every program resident at once."""
+    length = cfg.small_chunk
+    while rows * triton.cdiv(vocab, length) > cfg.small_per_sm * sms:
+        length *= 2
+    return length, triton.cdiv(vocab, length)
+
+
+def _sync(state: Dict[str, Any], device, rows: int):
+    """The one-launch path's counters (per row: arrivals, pivot flag, finished chunks; then
+    finished rows), zero between calls: the kernel resets what it used."""
+    key = ("sync", device, rows)
+    if key not in state:
+        state[key] = torch.zeros(3 * rows + 1, dtype=torch.int32, device=device)
+    return state[key]
 
 
 def _call_counter(state: Dict[str, Any], device, call: int):
@@ -293,6 +324,14 @@ def run(step):
         ((host["temperature"] >= 2.0**-20) & (host["temperature"] <= 2.0**20)).all()
     )
     sms = _sms(dev)
+    # One launch for small batches of top-k rows without penalties (pipeline._small_kernel):
+    # its pivot, the k-th largest chunk max, needs k <= the chunks per row.
+    small = None
+    if (cfg.small_rows and rows <= cfg.small_rows and not pen and not table and bool(trunc.all())
+            and bool(active_k.all())):
+        small = _small_chunking(rows, vocab, cfg, sms)
+        if int(k.max()) > small[1]:
+            small = None
     # more than 3 rows per SM: the scan's grid for 2-byte logits, the finish's register cap
     busy = rows > 3 * sms
     pps = cfg.programs_per_sm
@@ -300,7 +339,7 @@ def run(step):
         pps = cfg.programs_per_sm_2byte
     nprog = pps * sms
     pdl = _pdl(dev, cfg)
-    chunks, chunk_len = _chunking(rows, vocab, cfg, nprog)
+    chunks, chunk_len = _chunking(rows, vocab, cfg, nprog) if small is None else small[::-1]
     # With penalties the scan's chunks mask the penalised tokens, and cfg.pen_items more items
     # per row take the penalty table's slots (pipeline._pen_chunk). A constant (the chunks
     # depend on the batch size alone): a growing history changes no workspace shape and no
@@ -311,7 +350,7 @@ def run(step):
     nitems = rows * (chunks + pen_items)
     nprog = min(nitems, nprog)
     stats = chunks + pen_items  # per-row chunk statistics
-    ws = _workspace(step.state, dev, rows, chunks, stats, cfg, any_trunc)
+    ws = _workspace(step.state, dev, rows, chunks, stats, cfg, any_trunc, scan=small is None)
     counter = _call_counter(step.state, dev, step.call)
     dummy = ws["status"]
     positions = step.positions
@@ -335,60 +374,84 @@ def run(step):
     hflags = dict(HAS_OUT=out is not None, HAS_COUNTS=out is not None and cnt is not None,
                   HAS_POS=positions is not None)
     common = (P["temperature"], P["greedy"], P["top_k"], P["top_p"], P["min_p"])
-    # the prep adds the cache's pending tokens to its table (Step.table_new), so it runs
-    new = step.table_new if table else None
-    prep = pen or any_trunc or new is not None
-    if prep:
-        K._prep_kernel[(rows,)](
-            x, x.stride(0), vocab, words,
-            rep if rep is not None else dummy, rep_stride, R,
-            *hist,
-            P["repetition_penalty"], P["frequency_penalty"], P["presence_penalty"],
-            *seeds,
-            pen_tab, rs,
-            ws["rowkey"], ws["ncand"], new if new is not None else dummy,
-            *common, ws["theta"], ws["ythr"], cfg.cap,
-            HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, TABLE=table, HAS_NEW=new is not None,
-            **hflags,
-            PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
-            BL=cfg.prep_block, BW=cfg.prep_words,
-            PDL=pdl, launch_pdl=pdl, num_warps=cfg.prep_warps, enable_fp_fusion=False,
-            # prep_programs_per_sm programs per SM (2: B = 256 on 132 SMs in one wave); uncapped,
-            # Triton 3.6 gave the penalised prep 161 registers, one program per SM
-            maxnreg=_regs(cfg.prep_programs_per_sm * cfg.prep_warps),
+    if small is not None:
+        args = (
+            x, x.stride(0), vocab, chunk_len, chunks, rows,
+            *common, ws["rowkey"],
+            *hist, *seeds,
+            ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
+            ws["theta"], ws["ythr"], ws["ncand"], ws["cval"], ws["cidx"], ws["cw"], cfg.cap,
+            tok, lp, ws["status"], ws["tau"], ws["lse"], _sync(step.state, dev, rows),
         )
-    K._scan_kernel[(nprog,)](
-        x, x.stride(0), vocab, chunk_len, chunks, stats, rows, rows * chunks, rows * pen_items, span,
-        rep if rep is not None else dummy, rep_stride, R,
-        *common, ws["rowkey"],
-        pen_tab, words, rs,
-        ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
-        *hist, *seeds, ws["ythr"], ws["ncand"], ws["pc"], ws["cval"], ws["cidx"], cfg.cap,
-        PREP=prep, **hflags,
-        HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, VEC=_vec(x, cfg.tile),
-        D=cfg.emit_depth, TABLE=table, NS=cfg.scan_stages, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
-        # every persistent program must be resident at once: cap the registers so that
-        # pps of them fit in the SM's 64K (a 16th program left over to a second wave doubled
-        # S3's scan: bench/NOTES.md, v7; at 24, 80 registers, no spill under Triton 3.6)
-        maxnreg=_regs(pps * cfg.scan_warps),
-    )
-    K._finish_kernel[(rows,)](
-        x, x.stride(0), vocab, stats,
-        *common, ws["rowkey"],
-        pen_tab, words, rs,
-        ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
-        ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], ws["cw"], cfg.cap,
-        tok, lp, ws["status"], ws["tau"], ws["lse"], counter,
-        MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
-        NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(stats), FT=cfg.finish_tile,
-        FRL=min(cfg.finish_regs_low or cfg.finish_regs, cfg.finish_regs), FR=cfg.finish_regs,
-        NKP=cfg.finish_pairs, TILE=cfg.fallback_tile,
-        PDL=pdl, launch_pdl=pdl, num_warps=cfg.finish_warps, enable_fp_fusion=False,
-        **({"maxnreg": _regs(cfg.finish_programs_per_sm * cfg.finish_warps)}
-           if cfg.finish_programs_per_sm and busy else {}),
-    )
+        kw = dict(MODE=mode, **hflags, HAS_TEMP=has_temp, FAST=fast, NEED_S=need_s, NEED_RAW=need_raw,
+                  CT=_p2(chunk_len), CP=_p2(chunks), FT=cfg.finish_tile,
+                  FRL=min(cfg.small_regs_low or cfg.finish_regs, cfg.finish_regs), FR=cfg.finish_regs,
+                  NKP=cfg.finish_pairs, TILE=cfg.fallback_tile, num_warps=cfg.small_warps, enable_fp_fusion=False)
+        if interpreting():
+            # programs run one after another: the barriers become launch boundaries
+            for phase in (1, 2, 3):
+                K._small_kernel[(chunks, rows)](*args, PHASE=phase, **kw)
+        else:
+            # cooperative: CUDA refuses a grid that cannot be resident at once (the barriers
+            # would wait forever for programs not yet started)
+            K._small_kernel[(chunks, rows)](*args, PHASE=0, launch_cooperative_grid=True,
+                                            maxnreg=_regs(cfg.small_per_sm * cfg.small_warps), **kw)
+    else:
+        # the prep adds the cache's pending tokens to its table (Step.table_new), so it runs
+        new = step.table_new if table else None
+        prep = pen or any_trunc or new is not None
+        if prep:
+            K._prep_kernel[(rows,)](
+                x, x.stride(0), vocab, words,
+                rep if rep is not None else dummy, rep_stride, R,
+                *hist,
+                P["repetition_penalty"], P["frequency_penalty"], P["presence_penalty"],
+                *seeds,
+                pen_tab, rs,
+                ws["rowkey"], ws["ncand"], new if new is not None else dummy,
+                *common, ws["theta"], ws["ythr"], cfg.cap,
+                HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, TABLE=table, HAS_NEW=new is not None,
+                **hflags,
+                PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
+                BL=cfg.prep_block, BW=cfg.prep_words,
+                PDL=pdl, launch_pdl=pdl, num_warps=cfg.prep_warps, enable_fp_fusion=False,
+                # prep_programs_per_sm programs per SM (2: B = 256 on 132 SMs in one wave); uncapped,
+                # Triton 3.6 gave the penalised prep 161 registers, one program per SM
+                maxnreg=_regs(cfg.prep_programs_per_sm * cfg.prep_warps),
+            )
+        K._scan_kernel[(nprog,)](
+            x, x.stride(0), vocab, chunk_len, chunks, stats, rows, rows * chunks, rows * pen_items, span,
+            rep if rep is not None else dummy, rep_stride, R,
+            *common, ws["rowkey"],
+            pen_tab, words, rs,
+            ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
+            *hist, *seeds, ws["ythr"], ws["ncand"], ws["pc"], ws["cval"], ws["cidx"], cfg.cap,
+            PREP=prep, **hflags,
+            HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
+            NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, VEC=_vec(x, cfg.tile),
+            D=cfg.emit_depth, TABLE=table, NS=cfg.scan_stages, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
+            # every persistent program must be resident at once: cap the registers so that
+            # pps of them fit in the SM's 64K (a 16th program left over to a second wave doubled
+            # S3's scan: bench/NOTES.md, v7; at 24, 80 registers, no spill under Triton 3.6)
+            maxnreg=_regs(pps * cfg.scan_warps),
+        )
+        K._finish_kernel[(rows,)](
+            x, x.stride(0), vocab, stats,
+            *common, ws["rowkey"],
+            pen_tab, words, rs,
+            ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
+            ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], ws["cw"], cfg.cap,
+            tok, lp, ws["status"], ws["tau"], ws["lse"], counter,
+            MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
+            NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(stats), FT=cfg.finish_tile,
+            FRL=min(cfg.finish_regs_low or cfg.finish_regs, cfg.finish_regs), FR=cfg.finish_regs,
+            NKP=cfg.finish_pairs, TILE=cfg.fallback_tile,
+            PDL=pdl, launch_pdl=pdl, num_warps=cfg.finish_warps, enable_fp_fusion=False,
+            **({"maxnreg": _regs(cfg.finish_programs_per_sm * cfg.finish_warps)}
+               if cfg.finish_programs_per_sm and busy else {}),
+        )
     if DEBUG is not None:
+        DEBUG["small"] = small is not None
         DEBUG["status"] = ws["status"].clone()
         DEBUG["ncand"] = ws["ncand"].clone()
         DEBUG["theta"] = ws["theta"].clone()

@@ -1554,24 +1554,22 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
     return status, tok, lp, tau, lse
 
 
-@triton.jit(do_not_specialize=["C", "ncand_ptr", "RS"])
-def _finish_kernel(
-    x_ptr, x_stride, V, C,
+@triton.jit
+def _finish_row(
+    b, x_ptr, x_stride, V, C,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
     pen_ptr, W, RS,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
-    tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, call_ptr,
+    tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr,
     MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
     CP: tl.constexpr, FT: tl.constexpr, FRL: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr, TILE: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    """One row per program. Rows whose candidates do not cover the survivors keep status 2 and
-    take the exact fallback over the full row in the same program (a launch of its own cost
-    ~2 us per call, for rows that almost never exist)."""
-    _gdc_wait(PDL)
-    b = tl.program_id(0)
+    """Row b's outputs from its C chunks' statistics and its candidates (the finish kernel's
+    program, and the last program of a row in the one-launch path). Rows whose candidates do not
+    cover the survivors keep status 2 and take the exact fallback over the full row here (a
+    launch of its own cost ~2 us per call, for rows that almost never exist)."""
     b64 = b.to(tl.int64)
     base = b64 * C
     greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
@@ -1633,10 +1631,167 @@ def _finish_kernel(
     tl.store(lp_ptr + b, lp.to(tl.float32))
     tl.store(tau_ptr + b, tau)
     tl.store(lse_ptr + b, lse)
+
+
+@triton.jit(do_not_specialize=["C", "ncand_ptr", "RS"])
+def _finish_kernel(
+    x_ptr, x_stride, V, C,
+    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
+    pen_ptr, W, RS,
+    cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
+    theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
+    tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, call_ptr,
+    MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
+    ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
+    CP: tl.constexpr, FT: tl.constexpr, FRL: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr, TILE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """One row per program (:func:`_finish_row`)."""
+    _gdc_wait(PDL)
+    b = tl.program_id(0)
+    _finish_row(b, x_ptr, x_stride, V, C, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
+                pen_ptr, W, RS, cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
+                theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP, tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr,
+                MODE, HAS_PEN, HAS_TEMP, FAST, ANY_PLAIN, ANY_TRUNC, NEED_S, NEED_RAW, CP, FT, FRL, FR, NKP, TILE)
     if b == 0:
         # The device call counter advances inside the call, so CUDA-graph replays advance it.
         tl.atomic_add(call_ptr, 1)
     _gdc_done(PDL)
+
+
+# ----------------------------------------------------------------------------- one launch
+
+
+@triton.jit
+def _ld_acquire(ptr):
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _wait_for(ptr, target):
+    """Spin until the int32 at ptr reaches target (acquire loads; GPU only)."""
+    got = _ld_acquire(ptr)
+    while got < target:
+        got = _ld_acquire(ptr)
+
+
+@triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr", "out_ptr", "out_stride", "O", "cnt_ptr",
+                               "cnt_stride", "pos_ptr"])
+def _small_kernel(
+    x_ptr, x_stride, V, CH, C, B,
+    temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
+    out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr, samp_lo, samp_hi, call_ptr,
+    cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
+    theta_ptr, ythr_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
+    tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, sync_ptr,
+    MODE: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
+    CT: tl.constexpr, CP: tl.constexpr, FT: tl.constexpr, FRL: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr,
+    TILE: tl.constexpr, PHASE: tl.constexpr,
+):
+    """The whole call in one launch for small batches whose rows all truncate with top-k,
+    without penalties: program (c, b) holds chunk c (CH <= CT values) of row b in registers.
+
+    1. It stores the chunk's statistics (as the scan does) and its max as an int32 key.
+    2. Once all C chunks of the row have (a grid barrier), each program ranks its own max among
+       the row's C maxima (ties by chunk index); the one of rank k - 1 holds the k-th largest
+       chunk max, which is <= the row's k-th largest value (the k chunks with the largest maxima
+       hold k values at least that large: k <= C, checked by the host), and publishes it as the
+       row's pivot theta (and its preimage before the temperature). Every top-k value is then a candidate: ~60 of them at k = 50 for
+       randn-like rows, against ~520 from the pipeline's sampled pivot.
+    3. After a second barrier (the pivot), each program emits its candidates; the row's last
+       program to finish runs the finish kernel's row (:func:`_finish_row`, the same code).
+
+    The barriers need every program resident: the host launches a cooperative grid (which CUDA
+    refuses when it cannot be resident rather than letting it hang) with registers capped to
+    fit. PHASE 0 runs all three steps; under the interpreter, whose programs run one after
+    another, the host launches PHASE 1, 2 and 3 in turn instead (the chunk is loaded again)."""
+    c = tl.program_id(0)
+    b = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    ws = b64 * C + c
+    lanes = tl.arange(0, CT)
+    offs = c * CH + lanes
+    inr = (lanes < CH) & (offs < V)
+    y = _widen(tl.load(x_ptr + b64 * x_stride + offs, mask=inr, other=float("-inf")), FAST)
+    T = tl.load(temp_ptr + b)
+    Y = _recip(T, FAST)
+    # the chunk's max as an ordered key: a total order (NaN included), so exactly one program
+    # has rank k - 1 and no barrier waits forever
+    kmax = tl.max(tl.where(inr, _okey(y), INT32_MIN))
+    arrive = sync_ptr + b
+    flag = sync_ptr + B + b
+    done = sync_ptr + 2 * B + b
+    if PHASE <= 1:
+        _store_chunk_max(y, T, Y, ws, cflag_ptr, cm_ptr, HAS_TEMP, FAST)
+        if NEED_S:
+            ys = tl.full([], 1.0, tl.float32)
+            if HAS_TEMP:
+                ys = 1.0 / T
+            _, oth = _lse_chunk(y * ys, tl.zeros([CT], tl.float32))
+            tl.store(cs_ptr + ws, oth)
+        if NEED_RAW:
+            rmc, roth = _lse_chunk(y, tl.zeros([CT], tl.float32))
+            tl.store(crm_ptr + ws, rmc)
+            tl.store(crs_ptr + ws, roth)
+        tl.store(cid_ptr + ws, kmax)  # (the chunks' keys: this path has no plain rows)
+        if c == 0:
+            rk = _position_key(b, V, out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
+                               samp_lo, samp_hi, call_ptr, HAS_OUT, HAS_COUNTS, HAS_POS, 256)
+            tl.store(rowkey_ptr + b, rk.to(tl.int64))
+            tl.store(ncand_ptr + b, 0)
+    if PHASE == 0:
+        tl.debug_barrier()
+        tl.atomic_add(arrive, 1, sem="release")
+        _wait_for(arrive, C)
+    if (PHASE == 0) | (PHASE == 2):
+        k = tl.load(topk_ptr + b)
+        cc = tl.arange(0, CP)
+        kc = tl.load(cid_ptr + b64 * C + cc, mask=cc < C, other=INT32_MIN, cache_modifier=".cg")
+        rank = tl.sum(((cc < C) & ((kc > kmax) | ((kc == kmax) & (cc < c)))).to(tl.int32))
+        if rank == k - 1:
+            th = _ofloat(kmax)
+            yth = th
+            if HAS_TEMP:
+                th = _div(th, T, Y, FAST)
+                yth = _y_threshold(th, T, Y, FAST)
+            tl.store(theta_ptr + b, th)
+            tl.store(ythr_ptr + b, yth)
+            if PHASE == 0:
+                tl.debug_barrier()
+                tl.atomic_xchg(flag, 1, sem="release")
+    if PHASE == 0:
+        _wait_for(flag, 1)
+    if (PHASE == 0) | (PHASE == 3):
+        yth = tl.load(ythr_ptr + b, cache_modifier=".cg")
+        sel = inr & (y >= yth)
+        si = sel.to(tl.int32)
+        n = tl.sum(si)
+        if n > 0:
+            at = tl.atomic_add(ncand_ptr + b, n, sem="relaxed")
+            dst = at + tl.cumsum(si, 0) - 1
+            z = y
+            if HAS_TEMP:
+                z = _div(y, T, Y, FAST)
+            ok = sel & (dst < CAP)
+            tl.store(cval_ptr + b64 * CAP + dst, z, mask=ok)
+            tl.store(cidx_ptr + b64 * CAP + dst, offs, mask=ok)
+        tl.debug_barrier()
+        if tl.atomic_add(done, 1, sem="acq_rel") == C - 1:
+            _finish_row(b, x_ptr, x_stride, V, C, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
+                        x_ptr, 0, 0, cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
+                        theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP, tok_ptr, lp_ptr, status_ptr, tau_ptr,
+                        lse_ptr, MODE, False, HAS_TEMP, FAST, False, True, NEED_S, NEED_RAW, CP, FT, FRL, FR, NKP,
+                        TILE)
+            tl.store(arrive, 0)
+            tl.store(flag, 0)
+            tl.store(done, 0)
+            # the call counter advances once every row is done (every row key is read by then)
+            tl.debug_barrier()
+            if tl.atomic_add(sync_ptr + 3 * B, 1, sem="acq_rel") == B - 1:
+                tl.store(sync_ptr + 3 * B, 0)
+                tl.atomic_add(call_ptr, 1)
 
 
 # ----------------------------------------------------------------------------- fallback
