@@ -12,6 +12,11 @@ then counts itself done (an acquire-release atomic); the last program to arrive 
 finish's candidate path (``_candidates_row``) and resets the counters for the next call. No
 program waits for another, so it also runs under TRITON_INTERPRET=1.
 
+Second mode ("barrier", GPU only, ``--barrier-chunk``): the pivot from the chunks' maxima
+behind a grid barrier (``_fused_cm``: the k-th largest chunk max, by an all-pairs compare (SEL 0)
+or by each program ranking its own max (SEL 1), or the call before's (SEL 2, for the breakdown)),
+and the barrier alone (``--barrier-only``). SEL 1 became ``pipeline._small_kernel`` (NOTES v22).
+
 Scope: S2 only (fp32, temperature, top-k, top-p, seeded rows, "sampling" log-probabilities),
 no penalties, no fallback, no NaN checks: a bound on what the structure costs, not a backend.
 Its tokens and log-probabilities must equal the pipeline's (same row keys); both are timed in
@@ -87,6 +92,119 @@ def _fused(x_ptr, V, CH, P, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, 
         tl.store(done_ptr, 0)
 
 
+@triton.jit
+def _fused_cm(x_ptr, V, CH, P, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr,
+              ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, cm_ptr, cy_ptr, arrive_ptr, done_ptr, rowkey_ptr, tok_ptr,
+              lp_ptr, status_ptr, cnt_ptr, piv_ptr, flag_ptr, CAP, FAST: tl.constexpr, CT: tl.constexpr,
+              CP: tl.constexpr,
+              FT: tl.constexpr, FRL: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr, SPIN: tl.constexpr,
+              SEL: tl.constexpr):
+    """The pivot from the chunks' maxima, behind a grid barrier (GPU only: every program must
+    be resident at once; the interpreter runs programs one after another and would spin).
+    The k-th largest chunk maximum is <= the row's k-th largest value (k <= P: the k chunks with
+    the largest maxima hold k values at least that large), so every top-k value is a candidate."""
+    c = tl.program_id(0)
+    b = tl.zeros([], tl.int32)
+    lanes = tl.arange(0, CT)
+    offs = c * CH + lanes
+    msk = (lanes < CH) & (offs < V)
+    y = tl.load(x_ptr + offs, mask=msk, other=float("-inf"))
+    T = tl.load(temp_ptr + b)
+    Y = _recip(T, FAST)
+    ymax = tl.max(y)
+    tl.store(cy_ptr + c, ymax)
+    tl.store(cm_ptr + c, _div(ymax, T, Y, FAST))
+    tl.debug_barrier()
+    seen = tl.atomic_add(arrive_ptr, 1, sem="release") + 1
+    while seen < P:
+        if SPIN == 0:  # read-modify-writes: every poll queues at the counter's L2 slice
+            seen = tl.atomic_add(arrive_ptr, 0, sem="acquire")
+        else:  # acquire loads, optionally with a pause between polls
+            if SPIN == 2:
+                tl.inline_asm_elementwise("nanosleep.u32 64; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+            seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [arrive_ptr],
+                                             dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()
+    k = tl.load(topk_ptr + b)
+    cc = tl.arange(0, CP)
+    ok = cc < P
+    cy = tl.load(cy_ptr + cc, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    if SEL == 0:
+        # the k-th largest: the largest value with >= k values at least as large, rows of the
+        # all-pairs compare 64 at a time (a [CP, CP] block would take every register)
+        yth = tl.full([], float("-inf"), tl.float32)
+        for r0 in tl.static_range(0, CP, 64):
+            rr = r0 + tl.arange(0, 64)
+            okr = rr < P
+            cr = tl.load(cy_ptr + rr, mask=okr, other=float("-inf"), cache_modifier=".cg")
+            ge = tl.sum((ok[None, :] & (cy[None, :] >= cr[:, None])).to(tl.int32), axis=1)
+            yth = tl.maximum(yth, tl.max(tl.where(okr & (ge >= k), cr, float("-inf"))))
+    elif SEL == 1:
+        # each program ranks its own maximum (ties by chunk index); the one of rank k - 1 holds
+        # the k-th largest and publishes it; the others wait for it (a second barrier)
+        rank = tl.sum((ok & ((cy > ymax) | ((cy == ymax) & (cc < c)))).to(tl.int32))
+        if rank == k - 1:
+            tl.store(piv_ptr, ymax)
+            tl.debug_barrier()
+            tl.atomic_xchg(flag_ptr, 1, sem="release")
+        got = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [flag_ptr],
+                                        dtype=tl.int32, is_pure=False, pack=1)
+        while got == 0:
+            got = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [flag_ptr],
+                                            dtype=tl.int32, is_pure=False, pack=1)
+        yth = tl.load(piv_ptr, cache_modifier=".cg")
+    else:  # (the breakdown: the pivot of the call before)
+        yth = tl.load(piv_ptr, cache_modifier=".cg")
+    tl.store(theta_ptr + b, _div(yth, T, Y, FAST))
+    sel = msk & (y >= yth)
+    si = sel.to(tl.int32)
+    n = tl.sum(si)
+    if n > 0:
+        base = tl.atomic_add(ncand_ptr + b, n, sem="relaxed")
+        dst = base + tl.cumsum(si, 0) - 1
+        okd = sel & (dst < CAP)
+        tl.store(cval_ptr + dst, _div(y, T, Y, FAST), mask=okd)
+        tl.store(cidx_ptr + dst, offs, mask=okd)
+    tl.debug_barrier()
+    prev = tl.atomic_add(done_ptr, 1, sem="acq_rel")
+    if prev == P - 1:
+        m = tl.max(tl.load(cm_ptr + cc, mask=ok, other=float("-inf"), cache_modifier=".cg"))
+        greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
+        status, tok, lp, tau, lse = _candidates_row(
+            b, k, p, mp, active_k, active_p, m, tl.zeros([], tl.float64), theta_ptr, ncand_ptr, cval_ptr, cidx_ptr,
+            cw_ptr, rowkey_ptr, CAP, False, FT, FRL, FR, NKP)
+        tl.store(tok_ptr, tok.to(tl.int64))
+        tl.store(lp_ptr, lp.to(tl.float32))
+        tl.store(status_ptr, status)
+        tl.store(cnt_ptr, tl.load(ncand_ptr + b))
+        tl.store(ncand_ptr + b, 0)
+        tl.store(arrive_ptr, 0)
+        tl.store(flag_ptr, 0)
+        tl.store(done_ptr, 0)
+
+
+@triton.jit
+def _grid_barrier(x_ptr, V, CH, arrive_ptr, done_ptr, out_ptr, P, CT: tl.constexpr, WAIT: tl.constexpr,
+                  SEM: tl.constexpr):
+    """The grid barrier alone: load a chunk, arrive, wait for all P programs (WAIT), count out."""
+    c = tl.program_id(0)
+    lanes = tl.arange(0, CT)
+    offs = c * CH + lanes
+    y = tl.load(x_ptr + offs, mask=(lanes < CH) & (offs < V), other=float("-inf"))
+    tl.store(out_ptr + c, tl.max(y))
+    if WAIT:
+        tl.debug_barrier()
+        seen = tl.atomic_add(arrive_ptr, 1, sem=SEM) + 1
+        while seen < P:
+            seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [arrive_ptr],
+                                             dtype=tl.int32, is_pure=False, pack=1)
+    prev = tl.atomic_add(done_ptr, 1, sem="acq_rel")
+    if prev == P - 1:
+        tl.store(arrive_ptr, 0)
+        tl.store(done_ptr, 0)
+
+
 def main():
     from bench_gpu import time_graph  # (bench/ is the script's directory)
 
@@ -97,6 +215,11 @@ def main():
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--chunk", type=int, nargs="*", default=[1024, 2048, 4096, 512])
     ap.add_argument("--warps", type=int, nargs="*", default=[4, 8, 16])
+    ap.add_argument("--barrier-chunk", type=int, nargs="*", default=[1024, 2048])
+    ap.add_argument("--barrier-frl", type=int, nargs="*", default=[1024, 256, 128])
+    ap.add_argument("--barrier-spin", type=int, nargs="*", default=[1, 2, 0])
+    ap.add_argument("--barrier-sel", type=int, nargs="*", default=[1, 0, 2])
+    ap.add_argument("--barrier-only", type=int, nargs="*", default=[])
     ap.add_argument("--check-only", action="store_true", help="no timing (CPU, under TRITON_INTERPRET=1)")
     args = ap.parse_args()
     V = args.vocab
@@ -151,6 +274,58 @@ def main():
             us = float("nan") if args.check_only else time_graph(torch, fn, nbuf)[0]
             print(f"fused: {P} programs of {chunk}, {warps} warps {parts:9s}  {us:7.2f} us   "
                   f"same token and logprob: {same}/{len(ref)}", flush=True)
+
+    if args.check_only:
+        return
+    arrive, cnt = torch.zeros(1, **i32), torch.zeros(1, **i32)
+    for chunk in args.barrier_only:
+        P = triton.cdiv(V, chunk)
+        out = torch.empty(P, **f32)
+        for warps in args.warps:
+            for wait, sem in [(False, "relaxed"), (True, "relaxed"), (True, "release")]:
+                def fn(i, P=P, chunk=chunk, out=out, warps=warps, wait=wait, sem=sem):
+                    _grid_barrier[(P,)](xs[i], V, chunk, arrive, done, out, P, CT=triton.next_power_of_2(chunk),
+                                        WAIT=wait, SEM=sem, num_warps=warps)
+                fn(0)
+                torch.cuda.synchronize()
+                print(f"grid barrier: {P} programs of {chunk}, {warps} warps, wait {wait:d}, {sem:8s} "
+                      f"{time_graph(torch, fn, nbuf)[0]:7.2f} us", flush=True)
+    # the pivot from the chunks' maxima behind a grid barrier (every program must be resident)
+    piv, flag = torch.zeros(1, **f32), torch.zeros(1, **i32)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    for chunk in args.barrier_chunk:
+        P = triton.cdiv(V, chunk)
+        cm, cy = torch.empty(P, **f32), torch.empty(P, **f32)
+        for warps in args.warps:
+            for frl, spin, sel in [(f, sp, se) for se in args.barrier_sel for sp in args.barrier_spin
+                                   for f in args.barrier_frl]:
+                kw = dict(CAP=cfg.cap, FAST=True, CT=triton.next_power_of_2(chunk), CP=triton.next_power_of_2(P),
+                          FT=cfg.finish_tile, FRL=frl, FR=cfg.finish_regs, NKP=cfg.finish_pairs, SPIN=spin, SEL=sel,
+                          num_warps=warps, enable_fp_fusion=False)
+
+                def fn(i, P=P, cm=cm, cy=cy, chunk=chunk, kw=kw):
+                    _fused_cm[(P,)](xs[i], V, chunk, P, temp, greedy, topk, topp, minp, theta, ncand, cval, cidx, cw,
+                                    cm, cy, arrive, done, rowkey, tok, lp, status, cnt, piv, flag, **kw)
+                ck = _fused_cm.warmup(xs[0], V, chunk, P, temp, greedy, topk, topp, minp, theta, ncand, cval, cidx,
+                                      cw, cm, cy, arrive, done, rowkey, tok, lp, status, cnt, piv, flag, grid=(P,),
+                                      **kw)
+                if hasattr(ck, "_init_handles"):
+                    ck._init_handles()
+                per_sm = min(65536 // max(1, ck.n_regs * 32 * warps), 64 // warps,
+                             (228 * 1024) // max(1, ck.metadata.shared))
+                if P > per_sm * sms:
+                    print(f"barrier: {P} programs of {chunk}, {warps} warps: {per_sm}/SM, not all resident: skipped")
+                    continue
+                same, ncs = 0, []
+                for i, r in enumerate(ref):
+                    fn(i)
+                    ncs.append(cnt.item())
+                    same += int(tok.item() == int(r.next_tokens[0]) and lp.item() == float(r.logprobs[0])
+                                and status.item() == 0)
+                us = time_graph(torch, fn, nbuf)[0]
+                print(f"barrier: {P} programs of {chunk}, {warps} warps, spin {spin}, sel {sel}, FRL {frl:4d} ({ck.n_regs} regs, "
+                      f"{per_sm}/SM)  {us:7.2f} us   same: {same}/{len(ref)}   candidates mean {np.mean(ncs):.0f} "
+                      f"max {max(ncs)}", flush=True)
 
 
 if __name__ == "__main__":
