@@ -107,8 +107,8 @@ class Config:
     #: Batches of up to small_rows rows, every row truncated with top-k (k <= the chunks per row)
     #: and no penalties, run as one launch (pipeline._small_kernel): chunks of small_chunk values,
     #: doubled until small_per_sm programs of small_warps warps per SM hold the grid (registers
-    #: capped to fit), two grid barriers, the pivot from the chunks' maxima (0: off). fp32 S2 at
-    #: B = 1 measured 23.5 -> 13.2 us in a probe of this structure (bench/NOTES.md, v22).
+    #: capped to fit), two grid barriers, the pivot from the chunks' maxima (0: off). B = 1 S2
+    #: against the three kernels, same run: fp32 24.0 -> 16.2 us, bf16 25.9 -> 17.5 (NOTES v22).
     small_rows: int = 2
     small_chunk: int = 1024
     small_warps: int = 8

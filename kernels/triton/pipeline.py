@@ -1698,8 +1698,9 @@ def _small_kernel(
        the row's C maxima (ties by chunk index); the one of rank k - 1 holds the k-th largest
        chunk max, which is <= the row's k-th largest value (the k chunks with the largest maxima
        hold k values at least that large: k <= C, checked by the host), and publishes it as the
-       row's pivot theta (and its preimage before the temperature). Every top-k value is then a candidate: ~60 of them at k = 50 for
-       randn-like rows, against ~520 from the pipeline's sampled pivot.
+       row's pivot theta (and its preimage before the temperature). Every top-k value is then a
+       candidate: ~60 of them at k = 50 for randn-like rows, against ~520 from the pipeline's
+       sampled pivot.
     3. After a second barrier (the pivot), each program emits its candidates; the row's last
        program to finish runs the finish kernel's row (:func:`_finish_row`, the same code).
 
