@@ -38,8 +38,25 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sampling.kernels.triton.pipeline import (  # noqa: E402
-    _candidates_row, _div, _pivot, _recip, _row_flags, _sample,
+    _append_candidates, _candidates_row, _div, _ld_acquire, _pivot, _recip, _row_flags, _sample, _wait_for,
 )
+
+
+@triton.jit
+def _finish_one(V, P, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
+                cm_ptr, rowkey_ptr, tok_ptr, lp_ptr, status_ptr, CAP, CP: tl.constexpr, FT: tl.constexpr,
+                FRL: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr):
+    """The last program's work for the one row: the pipeline's candidate path over its list."""
+    b = tl.zeros([], tl.int32)
+    cc = tl.arange(0, CP)
+    m = tl.max(tl.load(cm_ptr + cc, mask=cc < P, other=float("-inf"), cache_modifier=".cg"))
+    greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
+    status, tok, lp, tau, lse = _candidates_row(
+        b, k, p, mp, active_k, active_p, m, tl.zeros([], tl.float64), theta_ptr, ncand_ptr, cval_ptr, cidx_ptr,
+        cw_ptr, rowkey_ptr, CAP, False, FT, FRL, FR, NKP)
+    tl.store(tok_ptr, tok.to(tl.int64))
+    tl.store(lp_ptr, lp.to(tl.float32))
+    tl.store(status_ptr, status)
 
 
 @triton.jit
@@ -64,30 +81,15 @@ def _fused(x_ptr, V, CH, P, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, 
     T = tl.load(temp_ptr + b)
     Y = _recip(T, FAST)
     tl.store(cm_ptr + c, _div(tl.max(y), T, Y, FAST))
-    sel = msk & (y >= yth)
-    si = sel.to(tl.int32)
-    n = tl.sum(si)
-    if n > 0:
-        base = tl.atomic_add(ncand_ptr + b, n, sem="relaxed")
-        dst = base + tl.cumsum(si, 0) - 1
-        ok = sel & (dst < CAP)
-        tl.store(cval_ptr + dst, _div(y, T, Y, FAST), mask=ok)
-        tl.store(cidx_ptr + dst, offs, mask=ok)
+    _append_candidates(msk & (y >= yth), y, offs, b, T, Y, ncand_ptr, cval_ptr, cidx_ptr, CAP, True, FAST)
     tl.debug_barrier()
     prev = tl.atomic_add(done_ptr, 1, sem="acq_rel")
     if (prev == P - 1) & (not FINISH):
         tl.store(ncand_ptr + b, 0)
         tl.store(done_ptr, 0)
     if (prev == P - 1) & FINISH:
-        cc = tl.arange(0, CP)
-        m = tl.max(tl.load(cm_ptr + cc, mask=cc < P, other=float("-inf"), cache_modifier=".cg"))
-        greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
-        status, tok, lp, tau, lse = _candidates_row(
-            b, k, p, mp, active_k, active_p, m, tl.zeros([], tl.float64), theta_ptr, ncand_ptr, cval_ptr, cidx_ptr,
-            cw_ptr, rowkey_ptr, CAP, False, FT, FRL, FR, NKP)
-        tl.store(tok_ptr, tok.to(tl.int64))
-        tl.store(lp_ptr, lp.to(tl.float32))
-        tl.store(status_ptr, status)
+        _finish_one(V, P, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
+                    cm_ptr, rowkey_ptr, tok_ptr, lp_ptr, status_ptr, CAP, CP, FT, FRL, FR, NKP)
         tl.store(ncand_ptr + b, 0)
         tl.store(done_ptr, 0)
 
@@ -123,8 +125,7 @@ def _fused_cm(x_ptr, V, CH, P, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_pt
             if SPIN == 2:
                 tl.inline_asm_elementwise("nanosleep.u32 64; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
                                           is_pure=False, pack=1)
-            seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [arrive_ptr],
-                                             dtype=tl.int32, is_pure=False, pack=1)
+            seen = _ld_acquire(arrive_ptr)
     tl.debug_barrier()
     k = tl.load(topk_ptr + b)
     cc = tl.arange(0, CP)
@@ -148,35 +149,17 @@ def _fused_cm(x_ptr, V, CH, P, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_pt
             tl.store(piv_ptr, ymax)
             tl.debug_barrier()
             tl.atomic_xchg(flag_ptr, 1, sem="release")
-        got = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [flag_ptr],
-                                        dtype=tl.int32, is_pure=False, pack=1)
-        while got == 0:
-            got = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [flag_ptr],
-                                            dtype=tl.int32, is_pure=False, pack=1)
+        _wait_for(flag_ptr, 1)
         yth = tl.load(piv_ptr, cache_modifier=".cg")
     else:  # (the breakdown: the pivot of the call before)
         yth = tl.load(piv_ptr, cache_modifier=".cg")
     tl.store(theta_ptr + b, _div(yth, T, Y, FAST))
-    sel = msk & (y >= yth)
-    si = sel.to(tl.int32)
-    n = tl.sum(si)
-    if n > 0:
-        base = tl.atomic_add(ncand_ptr + b, n, sem="relaxed")
-        dst = base + tl.cumsum(si, 0) - 1
-        okd = sel & (dst < CAP)
-        tl.store(cval_ptr + dst, _div(y, T, Y, FAST), mask=okd)
-        tl.store(cidx_ptr + dst, offs, mask=okd)
+    _append_candidates(msk & (y >= yth), y, offs, b, T, Y, ncand_ptr, cval_ptr, cidx_ptr, CAP, True, FAST)
     tl.debug_barrier()
     prev = tl.atomic_add(done_ptr, 1, sem="acq_rel")
     if prev == P - 1:
-        m = tl.max(tl.load(cm_ptr + cc, mask=ok, other=float("-inf"), cache_modifier=".cg"))
-        greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
-        status, tok, lp, tau, lse = _candidates_row(
-            b, k, p, mp, active_k, active_p, m, tl.zeros([], tl.float64), theta_ptr, ncand_ptr, cval_ptr, cidx_ptr,
-            cw_ptr, rowkey_ptr, CAP, False, FT, FRL, FR, NKP)
-        tl.store(tok_ptr, tok.to(tl.int64))
-        tl.store(lp_ptr, lp.to(tl.float32))
-        tl.store(status_ptr, status)
+        _finish_one(V, P, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
+                    cm_ptr, rowkey_ptr, tok_ptr, lp_ptr, status_ptr, CAP, CP, FT, FRL, FR, NKP)
         tl.store(cnt_ptr, tl.load(ncand_ptr + b))
         tl.store(ncand_ptr + b, 0)
         tl.store(arrive_ptr, 0)
@@ -197,8 +180,7 @@ def _grid_barrier(x_ptr, V, CH, arrive_ptr, done_ptr, out_ptr, P, CT: tl.constex
         tl.debug_barrier()
         seen = tl.atomic_add(arrive_ptr, 1, sem=SEM) + 1
         while seen < P:
-            seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [arrive_ptr],
-                                             dtype=tl.int32, is_pure=False, pack=1)
+            seen = _ld_acquire(arrive_ptr)
     prev = tl.atomic_add(done_ptr, 1, sem="acq_rel")
     if prev == P - 1:
         tl.store(arrive_ptr, 0)

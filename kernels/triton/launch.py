@@ -231,11 +231,12 @@ def _workspace(state: Dict[str, Any], device, rows: int, chunks: int, stats: int
 
 
 def _small_chunking(rows: int, vocab: int, cfg: Config, sms: int):
-    """(chunk length, chunks per row) of the one-launch path: every program resident at once."""
+    """(chunks per row, chunk length) of the one-launch path, as :func:`_chunking` gives them
+    for the scan: every program resident at once."""
     length = cfg.small_chunk
     while rows * triton.cdiv(vocab, length) > cfg.small_per_sm * sms:
         length *= 2
-    return length, triton.cdiv(vocab, length)
+    return triton.cdiv(vocab, length), length
 
 
 def _sync(state: Dict[str, Any], device, rows: int):
@@ -330,7 +331,7 @@ def run(step):
     if (cfg.small_rows and rows <= cfg.small_rows and not pen and not table and bool(trunc.all())
             and bool(active_k.all())):
         small = _small_chunking(rows, vocab, cfg, sms)
-        if int(k.max()) > small[1]:
+        if int(k.max()) > small[0]:
             small = None
     # more than 3 rows per SM: the scan's grid for 2-byte logits, the finish's register cap
     busy = rows > 3 * sms
@@ -339,7 +340,7 @@ def run(step):
         pps = cfg.programs_per_sm_2byte
     nprog = pps * sms
     pdl = _pdl(dev, cfg)
-    chunks, chunk_len = _chunking(rows, vocab, cfg, nprog) if small is None else small[::-1]
+    chunks, chunk_len = _chunking(rows, vocab, cfg, nprog) if small is None else small
     # With penalties the scan's chunks mask the penalised tokens, and cfg.pen_items more items
     # per row take the penalty table's slots (pipeline._pen_chunk). A constant (the chunks
     # depend on the batch size alone): a growing history changes no workspace shape and no

@@ -875,6 +875,25 @@ def _raw_slots(pen_row, W, RS):
 
 
 @triton.jit
+def _append_candidates(sel, y, ids, b, T, Y, ncand_ptr, cval_ptr, cidx_ptr, CAP, HAS_TEMP: tl.constexpr,
+                       FAST: tl.constexpr):
+    """Append the selected values (as z = y / T) and their token ids to row b's candidate list:
+    one atomic for room, then the slots in order; beyond CAP nothing is stored (the count still
+    grows, which sends the row to the fallback)."""
+    si = sel.to(tl.int32)
+    n = tl.sum(si)
+    if n > 0:
+        base = tl.atomic_add(ncand_ptr + b, n, sem="relaxed")
+        dst = base + tl.cumsum(si, 0) - 1
+        z = y
+        if HAS_TEMP:
+            z = _div(y, T, Y, FAST)
+        ok = sel & (dst < CAP)
+        tl.store(cval_ptr + b.to(tl.int64) * CAP + dst, z, mask=ok)
+        tl.store(cidx_ptr + b.to(tl.int64) * CAP + dst, ids, mask=ok)
+
+
+@triton.jit
 def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, yth,
                cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr, ncand_ptr, cval_ptr, cidx_ptr, CAP,
                HAS_TEMP: tl.constexpr, FAST: tl.constexpr, ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr,
@@ -923,17 +942,7 @@ def _pen_chunk(id_src, zrow, lo, hi, V, b, ws, temp_ptr, greedy_ptr, topk_ptr, t
             kb = tl.where(better, y, kb)
             ki = tl.where(better, ts, ki)
         if cand:
-            sel = ok & (y >= yth)
-            nsel = tl.sum(sel.to(tl.int32))
-            if nsel > 0:
-                base = tl.atomic_add(ncand_ptr + b, nsel, sem="relaxed")
-                dst = base + tl.cumsum(sel.to(tl.int32), 0) - 1
-                zc = y
-                if HAS_TEMP:
-                    zc = _div(y, T, Y, FAST)
-                okc = sel & (dst < CAP)
-                tl.store(cval_ptr + b.to(tl.int64) * CAP + dst, zc, mask=okc)
-                tl.store(cidx_ptr + b.to(tl.int64) * CAP + dst, ts, mask=okc)
+            _append_candidates(ok & (y >= yth), y, ts, b, T, Y, ncand_ptr, cval_ptr, cidx_ptr, CAP, HAS_TEMP, FAST)
     _store_chunk_max(ymax, T, Y, ws, cflag_ptr, cm_ptr, HAS_TEMP, FAST)
     if NEED_S:
         mc, oth = _lse_chunk(m_vec, s_vec)
@@ -1766,18 +1775,7 @@ def _small_kernel(
         _wait_for(flag, 1)
     if (PHASE == 0) | (PHASE == 3):
         yth = tl.load(ythr_ptr + b, cache_modifier=".cg")
-        sel = inr & (y >= yth)
-        si = sel.to(tl.int32)
-        n = tl.sum(si)
-        if n > 0:
-            at = tl.atomic_add(ncand_ptr + b, n, sem="relaxed")
-            dst = at + tl.cumsum(si, 0) - 1
-            z = y
-            if HAS_TEMP:
-                z = _div(y, T, Y, FAST)
-            ok = sel & (dst < CAP)
-            tl.store(cval_ptr + b64 * CAP + dst, z, mask=ok)
-            tl.store(cidx_ptr + b64 * CAP + dst, offs, mask=ok)
+        _append_candidates(inr & (y >= yth), y, offs, b, T, Y, ncand_ptr, cval_ptr, cidx_ptr, CAP, HAS_TEMP, FAST)
         tl.debug_barrier()
         if tl.atomic_add(done, 1, sem="acq_rel") == C - 1:
             _finish_row(b, x_ptr, x_stride, V, C, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
