@@ -38,8 +38,22 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sampling.kernels.triton.pipeline import (  # noqa: E402
-    _append_candidates, _candidates_row, _div, _ld_acquire, _pivot, _recip, _row_flags, _sample, _wait_for,
+    _append_candidates, _candidates_row, _div, _pivot, _recip, _row_flags, _sample,
 )
+
+
+@triton.jit
+def _ld_acquire(ptr):
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _wait_for(ptr, target):
+    """Spin until the int32 at ptr reaches target (acquire loads; GPU only)."""
+    got = _ld_acquire(ptr)
+    while got < target:
+        got = _ld_acquire(ptr)
 
 
 @triton.jit

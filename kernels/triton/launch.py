@@ -220,7 +220,8 @@ def _workspace(state: Dict[str, Any], device, rows: int, chunks: int, stats: int
         ws = dict(
             cm=e(n, torch.float32), cs=e(n, torch.float64), crm=e(n, torch.float32), crs=e(n, torch.float64),
             cflag=e(n, torch.int32), ckey=e(n, torch.float32), cid=e(n, torch.int32),
-            theta=e(rows, torch.float32), ythr=e(rows, torch.float32), ncand=e(rows, torch.int32),
+            theta=e(rows, torch.float32), ythr=e(rows, torch.float32),
+            ncand=torch.zeros(rows, dtype=torch.int32, device=device),  # (the one-launch path keeps it 0)
             pc=e(slots, torch.int64),
             cval=e(cands, torch.float32), cidx=e(cands, torch.int32), cw=e(cands, torch.int64),
             rowkey=e(rows, torch.int64), status=e(rows, torch.int32), tau=e(rows, torch.float32),
@@ -239,12 +240,12 @@ def _small_chunking(rows: int, vocab: int, cfg: Config, sms: int):
     return triton.cdiv(vocab, length), length
 
 
-def _sync(state: Dict[str, Any], device, rows: int):
-    """The one-launch path's counters (per row: arrivals, pivot flag, finished chunks; then
-    finished rows), zero between calls: the kernel resets what it used."""
-    key = ("sync", device, rows)
+def _sync(state: Dict[str, Any], device, rows: int, chunks: int):
+    """The one-launch path's words (per row: pivot flag, finished chunks; a ticket; per row and
+    chunk: the chunk's max key), zero between calls: the kernel empties what it used."""
+    key = ("sync", device, rows, chunks)
     if key not in state:
-        state[key] = torch.zeros(3 * rows + 1, dtype=torch.int32, device=device)
+        state[key] = torch.zeros(2 * rows + 1 + rows * chunks, dtype=torch.int32, device=device)
     return state[key]
 
 
@@ -381,8 +382,8 @@ def run(step):
             *common, ws["rowkey"],
             *hist, *seeds,
             ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
-            ws["theta"], ws["ythr"], ws["ncand"], ws["cval"], ws["cidx"], ws["cw"], cfg.cap,
-            tok, lp, ws["status"], ws["tau"], ws["lse"], _sync(step.state, dev, rows),
+            ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], ws["cw"], cfg.cap,
+            tok, lp, ws["status"], ws["tau"], ws["lse"], _sync(step.state, dev, rows, chunks),
         )
         kw = dict(MODE=mode, **hflags, HAS_TEMP=has_temp, FAST=fast, NEED_S=need_s, NEED_RAW=need_raw,
                   CT=_p2(chunk_len), CP=_p2(chunks), FT=cfg.finish_tile,

@@ -1395,21 +1395,28 @@ def _compact(v, idx, w, sel, nk, row, cval_ptr, cidx_ptr, cw_ptr):
 
 
 @triton.jit
-def _top_k_regs(row, cnt, k, th, m, kth_ok, cval_ptr, cidx_ptr, cw_ptr, N: tl.constexpr):
-    """The register path of :func:`_candidates_row` over cnt <= N candidates: (total mass, max
-    key, the k-th largest key, the number of top-k survivors, their mass), the survivors
-    compacted to the front of the row's lists."""
+def _top_k_regs(row, cnt, k, th, m, kth_ok, vs, ids, cval_ptr, cidx_ptr, cw_ptr, N: tl.constexpr):
+    """The register path of :func:`_candidates_row` over cnt <= N candidates (vs, ids: the
+    row's first N slots, read before the count was known): (total mass, max key, the k-th
+    largest key, the number of top-k survivors, their mass), the survivors compacted to the
+    front of the row's lists. Up to 256 slots the k-th search cuts 3 times a step: its compares
+    are cheap there and its steps are the latency (ties at the k-th value, common in 2-byte
+    logits, take it down to one key); over more, the extra compares cost more than the steps
+    they save (bench/NOTES.md v19.1)."""
     i = tl.arange(0, N)
     ok = i < cnt
-    v = tl.load(cval_ptr + row + i, mask=ok, other=float("-inf"))
+    v = tl.where(ok, vs, float("-inf"))
     keys = _okey(v)
     w = tl.where(ok, _wfix(v, m), 0)
     mass = tl.sum(w)
     kmax = tl.max(tl.where(ok, keys, INT32_MIN))
     kcut = tl.full([], INT32_MIN, tl.int32)
     if kth_ok:
-        kcut = _key_search(keys, ok, k, k, _okey(th).to(tl.int64), kmax.to(tl.int64), 1)
-    idx = tl.load(cidx_ptr + row + i, mask=ok, other=0)
+        if N <= 256:
+            kcut = _key_search(keys, ok, k, k, _okey(th).to(tl.int64), kmax.to(tl.int64), 3)
+        else:
+            kcut = _key_search(keys, ok, k, k, _okey(th).to(tl.int64), kmax.to(tl.int64), 1)
+    idx = tl.where(ok, ids, 0)
     sel = ok & (keys >= kcut)
     nk = _compact(v, idx, w, sel, tl.zeros([], tl.int32), row, cval_ptr, cidx_ptr, cw_ptr)
     kmass = tl.sum(tl.where(sel, w, 0))
@@ -1443,11 +1450,20 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
     lse = tl.full([], float("nan"), tl.float64)
     lanes = tl.arange(0, FT)
     kth_ok = active_k & (k <= cnt)
+    # the low tier's slots, read together with the count (those past it hold stale values)
+    il = tl.arange(0, FRL)
+    vl = tl.load(cval_ptr + row + il, mask=il < CAP, other=float("-inf"))
+    xl = tl.load(cidx_ptr + row + il, mask=il < CAP, other=0)
     if (th < float("inf")) & (cnt <= CAP):
         if cnt <= FRL:
-            mass, kmax, kcut, nk, kmass = _top_k_regs(row, cnt, k, th, m, kth_ok, cval_ptr, cidx_ptr, cw_ptr, FRL)
+            mass, kmax, kcut, nk, kmass = _top_k_regs(row, cnt, k, th, m, kth_ok, vl, xl, cval_ptr, cidx_ptr, cw_ptr,
+                                                      FRL)
         elif cnt <= FR:
-            mass, kmax, kcut, nk, kmass = _top_k_regs(row, cnt, k, th, m, kth_ok, cval_ptr, cidx_ptr, cw_ptr, FR)
+            i = tl.arange(0, FR)
+            vs = tl.load(cval_ptr + row + i, mask=i < cnt, other=float("-inf"))
+            ids = tl.load(cidx_ptr + row + i, mask=i < cnt, other=0)
+            mass, kmax, kcut, nk, kmass = _top_k_regs(row, cnt, k, th, m, kth_ok, vs, ids, cval_ptr, cidx_ptr, cw_ptr,
+                                                      FR)
         else:
             mass = tl.zeros([], tl.int64)
             kmax = tl.full([], INT32_MIN, tl.int32)
@@ -1672,17 +1688,10 @@ def _finish_kernel(
 
 
 @triton.jit
-def _ld_acquire(ptr):
-    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
-def _wait_for(ptr, target):
-    """Spin until the int32 at ptr reaches target (acquire loads; GPU only)."""
-    got = _ld_acquire(ptr)
-    while got < target:
-        got = _ld_acquire(ptr)
+def _enc(key):
+    """An int32 key as a nonzero word: 0 marks a slot not yet written (the key -2**31, a NaN's,
+    is folded onto the next one up). Decode with ``^ INT32_MIN``."""
+    return tl.maximum(key, INT32_MIN + 1) ^ INT32_MIN
 
 
 @triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr", "out_ptr", "out_stride", "O", "cnt_ptr",
@@ -1692,7 +1701,7 @@ def _small_kernel(
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
     out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr, samp_lo, samp_hi, call_ptr,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
-    theta_ptr, ythr_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
+    theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
     tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, sync_ptr,
     MODE: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
@@ -1702,18 +1711,23 @@ def _small_kernel(
     """The whole call in one launch for small batches whose rows all truncate with top-k,
     without penalties: program (c, b) holds chunk c (CH <= CT values) of row b in registers.
 
-    1. It stores the chunk's statistics (as the scan does) and its max as an int32 key.
-    2. Once all C chunks of the row have (a grid barrier), each program ranks its own max among
-       the row's C maxima (ties by chunk index); the one of rank k - 1 holds the k-th largest
-       chunk max, which is <= the row's k-th largest value (the k chunks with the largest maxima
-       hold k values at least that large: k <= C, checked by the host), and publishes it as the
-       row's pivot theta (and its preimage before the temperature). Every top-k value is then a
-       candidate: ~60 of them at k = 50 for randn-like rows, against ~520 from the pipeline's
-       sampled pivot.
-    3. After a second barrier (the pivot), each program emits its candidates; the row's last
-       program to finish runs the finish kernel's row (:func:`_finish_row`, the same code).
+    1. It publishes the chunk's max as a key in the row's key slots (``sync``), then stores the
+       chunk's statistics (as the scan does).
+    2. Once all C keys of the row are there (it reads the slots until none is empty: the
+       values are the signal, so no fence orders other data before them), each program ranks
+       its own key among the row's (ties by chunk index); the one of rank k - 1 holds the k-th
+       largest chunk max, which is <= the row's k-th largest value (the k chunks with the
+       largest maxima hold k values at least that large: k <= C, checked by the host), and
+       publishes it as the row's pivot: theta, and in the row's flag its preimage before the
+       temperature. Every top-k value is then a candidate: ~60 of them at k = 50 for
+       randn-like rows, against ~520 from the pipeline's sampled pivot.
+    3. Each program reads the flag until it is set, emits its candidates and counts itself done
+       (acquire-release: everything the row's programs stored is visible to the last); the
+       last runs the finish kernel's row (:func:`_finish_row`, the same code) and empties the
+       row's slots for the next call. Row 0's last program advances the call counter once the
+       other rows' first programs have read it (their release of ``ticket``).
 
-    The barriers need every program resident: the host launches a cooperative grid (which CUDA
+    The waits need every program resident: the host launches a cooperative grid (which CUDA
     refuses when it cannot be resident rather than letting it hang) with registers capped to
     fit. PHASE 0 runs all three steps; under the interpreter, whose programs run one after
     another, the host launches PHASE 1, 2 and 3 in turn instead (the chunk is loaded again)."""
@@ -1721,6 +1735,16 @@ def _small_kernel(
     b = tl.program_id(1)
     b64 = b.to(tl.int64)
     ws = b64 * C + c
+    flag = sync_ptr + b
+    done = sync_ptr + B + b
+    ticket = sync_ptr + 2 * B
+    keys_row = sync_ptr + 2 * B + 1 + b64 * C
+    cc = tl.arange(0, CP)
+    if PHASE <= 1:
+        if c == 0:  # (its loads overlap the chunk's)
+            rk = _position_key(b, V, out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
+                               samp_lo, samp_hi, call_ptr, HAS_OUT, HAS_COUNTS, HAS_POS, 256)
+            tl.store(rowkey_ptr + b, rk.to(tl.int64))
     lanes = tl.arange(0, CT)
     offs = c * CH + lanes
     inr = (lanes < CH) & (offs < V)
@@ -1728,12 +1752,12 @@ def _small_kernel(
     T = tl.load(temp_ptr + b)
     Y = _recip(T, FAST)
     # the chunk's max as an ordered key: a total order (NaN included), so exactly one program
-    # has rank k - 1 and no barrier waits forever
-    kmax = tl.max(tl.where(inr, _okey(y), INT32_MIN))
-    arrive = sync_ptr + b
-    flag = sync_ptr + B + b
-    done = sync_ptr + 2 * B + b
+    # has rank k - 1 and no wait lasts forever
+    kmax = tl.maximum(tl.max(tl.where(inr, _okey(y), INT32_MIN)), INT32_MIN + 1)
     if PHASE <= 1:
+        if (c == 0) & (b > 0):
+            tl.atomic_add(ticket, 1, sem="release")
+        tl.atomic_xchg(keys_row + c, _enc(kmax), sem="relaxed")
         _store_chunk_max(y, T, Y, ws, cflag_ptr, cm_ptr, HAS_TEMP, FAST)
         if NEED_S:
             ys = tl.full([], 1.0, tl.float32)
@@ -1745,20 +1769,12 @@ def _small_kernel(
             rmc, roth = _lse_chunk(y, tl.zeros([CT], tl.float32))
             tl.store(crm_ptr + ws, rmc)
             tl.store(crs_ptr + ws, roth)
-        tl.store(cid_ptr + ws, kmax)  # (the chunks' keys: this path has no plain rows)
-        if c == 0:
-            rk = _position_key(b, V, out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
-                               samp_lo, samp_hi, call_ptr, HAS_OUT, HAS_COUNTS, HAS_POS, 256)
-            tl.store(rowkey_ptr + b, rk.to(tl.int64))
-            tl.store(ncand_ptr + b, 0)
-    if PHASE == 0:
-        tl.debug_barrier()
-        tl.atomic_add(arrive, 1, sem="release")
-        _wait_for(arrive, C)
     if (PHASE == 0) | (PHASE == 2):
         k = tl.load(topk_ptr + b)
-        cc = tl.arange(0, CP)
-        kc = tl.load(cid_ptr + b64 * C + cc, mask=cc < C, other=INT32_MIN, cache_modifier=".cg")
+        kc = tl.load(keys_row + cc, mask=cc < C, other=1, volatile=True)
+        while tl.max((kc == 0).to(tl.int32)) > 0:
+            kc = tl.load(keys_row + cc, mask=cc < C, other=1, volatile=True)
+        kc = kc ^ INT32_MIN
         rank = tl.sum(((cc < C) & ((kc > kmax) | ((kc == kmax) & (cc < c)))).to(tl.int32))
         if rank == k - 1:
             th = _ofloat(kmax)
@@ -1767,30 +1783,33 @@ def _small_kernel(
                 th = _div(th, T, Y, FAST)
                 yth = _y_threshold(th, T, Y, FAST)
             tl.store(theta_ptr + b, th)
-            tl.store(ythr_ptr + b, yth)
-            if PHASE == 0:
-                tl.debug_barrier()
-                tl.atomic_xchg(flag, 1, sem="release")
-    if PHASE == 0:
-        _wait_for(flag, 1)
+            tl.atomic_xchg(flag, _enc(_okey(yth)), sem="relaxed")
     if (PHASE == 0) | (PHASE == 3):
-        yth = tl.load(ythr_ptr + b, cache_modifier=".cg")
+        f = tl.load(flag, volatile=True)
+        while f == 0:
+            f = tl.load(flag, volatile=True)
+        yth = _ofloat(f ^ INT32_MIN)
         _append_candidates(inr & (y >= yth), y, offs, b, T, Y, ncand_ptr, cval_ptr, cidx_ptr, CAP, HAS_TEMP, FAST)
         tl.debug_barrier()
         if tl.atomic_add(done, 1, sem="acq_rel") == C - 1:
+            got = tl.zeros([], tl.int32) + B - 1
+            if b == 0:  # (read early: its latency overlaps the finish's)
+                got = tl.atomic_add(ticket, 0, sem="acquire")
             _finish_row(b, x_ptr, x_stride, V, C, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
                         x_ptr, 0, 0, cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
                         theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP, tok_ptr, lp_ptr, status_ptr, tau_ptr,
                         lse_ptr, MODE, False, HAS_TEMP, FAST, False, True, NEED_S, NEED_RAW, CP, FT, FRL, FR, NKP,
                         TILE)
-            tl.store(arrive, 0)
+            # every program of the row has read its keys and flag: empty them for the next call
+            tl.store(keys_row + cc, 0, mask=cc < C)
             tl.store(flag, 0)
             tl.store(done, 0)
-            # the call counter advances once every row is done (every row key is read by then)
-            tl.debug_barrier()
-            if tl.atomic_add(sync_ptr + 3 * B, 1, sem="acq_rel") == B - 1:
-                tl.store(sync_ptr + 3 * B, 0)
-                tl.atomic_add(call_ptr, 1)
+            tl.store(ncand_ptr + b, 0)
+            if b == 0:
+                while got < B - 1:
+                    got = tl.atomic_add(ticket, 0, sem="acquire")
+                tl.store(ticket, 0)
+                tl.atomic_add(call_ptr, 1, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- fallback
