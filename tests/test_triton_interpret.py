@@ -341,6 +341,12 @@ def test_one_launch_path_advances_the_call_counter_once_per_call(monkeypatch):
         assert debug["small"]
         np.testing.assert_array_equal(ours[1].numpy(), reference.sample(x, param.arrays, sampler_seed=2024,
                                                                         call=call)[1])
+        # the kernel empties what it used: on the GPU a key or flag left over would end the next
+        # call's waits early (here its phases are launches, so only this check sees it)
+        state = s._state["triton"]
+        sync = next(v for k, v in state.items() if isinstance(k, tuple) and k[0] == "sync")
+        ws = next(v for k, v in state.items() if isinstance(k, tuple) and k[0] == "ws")
+        assert not sync.any() and not ws["ncand"].any()
 
 
 def test_one_launch_path_flags_invalid_rows(monkeypatch):

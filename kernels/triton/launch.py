@@ -107,8 +107,9 @@ class Config:
     #: Batches of up to small_rows rows, every row truncated with top-k (k <= the chunks per row)
     #: and no penalties, run as one launch (pipeline._small_kernel): chunks of small_chunk values,
     #: doubled until small_per_sm programs of small_warps warps per SM hold the grid (registers
-    #: capped to fit), two grid barriers, the pivot from the chunks' maxima (0: off). B = 1 S2
-    #: against the three kernels, same run: fp32 24.0 -> 16.2 us, bf16 25.9 -> 17.5 (NOTES v22).
+    #: capped to fit), two waits for values the others publish, the pivot from the chunks' maxima
+    #: (0: off). B = 1 S2 against the three kernels, same run: fp32 24.0 -> 16.2 us, bf16 25.9 ->
+    #: 17.5 (NOTES v22); 13.7 / 15.0 since the waits need no fence (v23).
     small_rows: int = 2
     small_chunk: int = 1024
     small_warps: int = 8
@@ -221,7 +222,7 @@ def _workspace(state: Dict[str, Any], device, rows: int, chunks: int, stats: int
             cm=e(n, torch.float32), cs=e(n, torch.float64), crm=e(n, torch.float32), crs=e(n, torch.float64),
             cflag=e(n, torch.int32), ckey=e(n, torch.float32), cid=e(n, torch.int32),
             theta=e(rows, torch.float32), ythr=e(rows, torch.float32),
-            ncand=torch.zeros(rows, dtype=torch.int32, device=device),  # (the one-launch path keeps it 0)
+            ncand=torch.zeros(rows, dtype=torch.int32, device=device),  # (the one-launch path resets it after use)
             pc=e(slots, torch.int64),
             cval=e(cands, torch.float32), cidx=e(cands, torch.int32), cw=e(cands, torch.int64),
             rowkey=e(rows, torch.int64), status=e(rows, torch.int32), tau=e(rows, torch.float32),
