@@ -57,6 +57,15 @@ def _wait_for(ptr, target):
 
 
 @triton.jit
+def _chunk(x_ptr, V, CH, CT: tl.constexpr):
+    """Program c's chunk of the row: (offsets, mask, values; -inf outside the row)."""
+    lanes = tl.arange(0, CT)
+    offs = tl.program_id(0) * CH + lanes
+    msk = (lanes < CH) & (offs < V)
+    return offs, msk, tl.load(x_ptr + offs, mask=msk, other=float("-inf"))
+
+
+@triton.jit
 def _finish_one(V, P, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
                 cm_ptr, rowkey_ptr, tok_ptr, lp_ptr, status_ptr, CAP, CP: tl.constexpr, FT: tl.constexpr,
                 FRL: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr):
@@ -81,10 +90,7 @@ def _fused(x_ptr, V, CH, P, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, 
            PIVOT: tl.constexpr = True, FINISH: tl.constexpr = True):
     c = tl.program_id(0)
     b = tl.zeros([], tl.int32)
-    lanes = tl.arange(0, CT)
-    offs = c * CH + lanes
-    msk = (lanes < CH) & (offs < V)
-    y = tl.load(x_ptr + offs, mask=msk, other=float("-inf"))
+    offs, msk, y = _chunk(x_ptr, V, CH, CT)
     if PIVOT:  # (False, for the breakdown: the threshold of the call before)
         sbase, spos, smask, sx = _sample(x_ptr, V, NS)
         # every program computes the same pivot and stores the same theta
@@ -121,10 +127,7 @@ def _fused_cm(x_ptr, V, CH, P, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_pt
     the largest maxima hold k values at least that large), so every top-k value is a candidate."""
     c = tl.program_id(0)
     b = tl.zeros([], tl.int32)
-    lanes = tl.arange(0, CT)
-    offs = c * CH + lanes
-    msk = (lanes < CH) & (offs < V)
-    y = tl.load(x_ptr + offs, mask=msk, other=float("-inf"))
+    offs, msk, y = _chunk(x_ptr, V, CH, CT)
     T = tl.load(temp_ptr + b)
     Y = _recip(T, FAST)
     ymax = tl.max(y)
@@ -186,9 +189,7 @@ def _grid_barrier(x_ptr, V, CH, arrive_ptr, done_ptr, out_ptr, P, CT: tl.constex
                   SEM: tl.constexpr):
     """The grid barrier alone: load a chunk, arrive, wait for all P programs (WAIT), count out."""
     c = tl.program_id(0)
-    lanes = tl.arange(0, CT)
-    offs = c * CH + lanes
-    y = tl.load(x_ptr + offs, mask=(lanes < CH) & (offs < V), other=float("-inf"))
+    offs, msk, y = _chunk(x_ptr, V, CH, CT)
     tl.store(out_ptr + c, tl.max(y))
     if WAIT:
         tl.debug_barrier()

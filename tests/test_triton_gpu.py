@@ -318,11 +318,11 @@ def test_whole_call_captured_in_a_cuda_graph_and_replayed():
 
 @pytest.mark.parametrize("rows", [1, 2])
 def test_one_launch_path_equals_the_pipeline_and_replays_from_a_graph(rows, monkeypatch):
-    # Small batches of top-k rows without penalties run as one cooperative launch with grid
-    # barriers (pipeline._small_kernel): the same tokens and log-probabilities as the
-    # three-kernel pipeline, bit for bit ("sampling" log-probabilities and top-n: sums over the
-    # survivors are exact), in both dtypes; then the call captured in a CUDA graph, with
-    # unseeded rows, replayed against the reference.
+    # Small batches of top-k rows without penalties run as one cooperative launch whose programs
+    # wait for values the others publish (pipeline._small_kernel): the same tokens and
+    # log-probabilities as the three-kernel pipeline, bit for bit ("sampling" log-probabilities
+    # and top-n: sums over the survivors are exact), in both dtypes; then the call captured in a
+    # CUDA graph, with unseeded rows, replayed against the reference.
     from sampling.kernels.triton import launch
 
     debug = {}

@@ -391,12 +391,12 @@ def run(step):
                   FRL=min(cfg.small_regs_low or cfg.finish_regs, cfg.finish_regs), FR=cfg.finish_regs,
                   NKP=cfg.finish_pairs, TILE=cfg.fallback_tile, num_warps=cfg.small_warps, enable_fp_fusion=False)
         if interpreting():
-            # programs run one after another: the barriers become launch boundaries
+            # programs run one after another: the waits become launch boundaries
             for phase in (1, 2, 3):
                 K._small_kernel[(chunks, rows)](*args, PHASE=phase, **kw)
         else:
-            # cooperative: CUDA refuses a grid that cannot be resident at once (the barriers
-            # would wait forever for programs not yet started)
+            # cooperative: CUDA refuses a grid that cannot be resident at once (the waits would
+            # last forever for programs not yet started)
             K._small_kernel[(chunks, rows)](*args, PHASE=0, launch_cooperative_grid=True,
                                             maxnreg=_regs(cfg.small_per_sm * cfg.small_warps), **kw)
     else:

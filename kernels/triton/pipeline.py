@@ -1412,10 +1412,7 @@ def _top_k_regs(row, cnt, k, th, m, kth_ok, vs, ids, cval_ptr, cidx_ptr, cw_ptr,
     kmax = tl.max(tl.where(ok, keys, INT32_MIN))
     kcut = tl.full([], INT32_MIN, tl.int32)
     if kth_ok:
-        if N <= 256:
-            kcut = _key_search(keys, ok, k, k, _okey(th).to(tl.int64), kmax.to(tl.int64), 3)
-        else:
-            kcut = _key_search(keys, ok, k, k, _okey(th).to(tl.int64), kmax.to(tl.int64), 1)
+        kcut = _key_search(keys, ok, k, k, _okey(th).to(tl.int64), kmax.to(tl.int64), 3 if N <= 256 else 1)
     idx = tl.where(ok, ids, 0)
     sel = ok & (keys >= kcut)
     nk = _compact(v, idx, w, sel, tl.zeros([], tl.int32), row, cval_ptr, cidx_ptr, cw_ptr)
