@@ -76,7 +76,7 @@ def _finish_one(V, P, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ncand
     greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
     status, tok, lp, tau, lse = _candidates_row(
         b, k, p, mp, active_k, active_p, m, tl.zeros([], tl.float64), theta_ptr, ncand_ptr, cval_ptr, cidx_ptr,
-        cw_ptr, rowkey_ptr, CAP, False, FT, FRL, FR, NKP)
+        cw_ptr, rowkey_ptr, CAP, False, FT, FRL, FR, NKP, 0)
     tl.store(tok_ptr, tok.to(tl.int64))
     tl.store(lp_ptr, lp.to(tl.float32))
     tl.store(status_ptr, status)

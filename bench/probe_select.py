@@ -78,7 +78,7 @@ def _probe(v_ptr, cnt_ptr, th_ptr, out_ptr, k, N: tl.constexpr, METHOD: tl.const
     if METHOD == 0:
         cut = kmax
     elif METHOD == 1:
-        cut = _key_search(keys, ok, k, k, lo.to(tl.int64), kmax.to(tl.int64), 1)
+        cut = _key_search(keys, ok, k, k, lo.to(tl.int64), kmax.to(tl.int64), 1, 0)
     elif METHOD == 2:
         cut = _radix_kth(keys, ok, k, lo, kmax, RB)
     else:

@@ -133,28 +133,32 @@ def test_y_threshold_is_the_exact_preimage():
 
 
 @triton.jit
-def _key_search_probe(k_ptr, v_ptr, out_ptr, j, band, N: tl.constexpr, NC: tl.constexpr):
+def _key_search_probe(k_ptr, v_ptr, out_ptr, j, band, N: tl.constexpr, NC: tl.constexpr, GAP: tl.constexpr):
     i = tl.arange(0, N)
     keys = tl.load(k_ptr + i)
     valid = tl.load(v_ptr + i) != 0
     lo = tl.min(tl.where(valid, keys, 2147483647)).to(tl.int64)
     hi = tl.max(tl.where(valid, keys, -2147483648)).to(tl.int64)
-    tl.store(out_ptr, K._key_search(keys, valid, j, band, lo, hi, NC))
+    tl.store(out_ptr, K._key_search(keys, valid, j, band, lo, hi, NC, GAP))
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=80, deadline=None, derandomize=True)
 @given(
     n=st.sampled_from([64, 512]),
     nc=st.sampled_from([1, 2, 3]),
     spread=st.sampled_from([3, 1000, 2**31]),
+    grid=st.sampled_from([1, 1 << 16]),
+    gap=st.sampled_from([0, 8, 1 << 15]),
     data=st.data(),
 )
-def test_key_search_lands_in_the_band(n, nc, spread, data):
+def test_key_search_lands_in_the_band(n, nc, spread, grid, gap, data):
     # the pivot's and the finish's search: at least j valid keys at or above the result, and
-    # at most band of them unless the result is the j-th largest key itself (ties)
+    # at most band of them unless the result is the j-th largest key itself (ties); keys on a
+    # grid (as 2-byte logits' are) with the bounds snapped to them (gap) or not
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
     lo = -(spread // 2)
-    keys = rng.integers(lo, lo + spread, n, dtype=np.int64).clip(-2**31 + 1, 2**31 - 1).astype(np.int32)
+    keys = rng.integers(lo, lo + spread, n, dtype=np.int64) * grid
+    keys = keys.clip(-2**31 + 1, 2**31 - 1).astype(np.int32)
     if data.draw(st.booleans()):
         keys[rng.integers(0, n, 3)] = [-2**31 + 1, 2**31 - 1, 0]
     valid = rng.random(n) < data.draw(st.sampled_from([0.1, 0.9, 1.0]))
@@ -163,7 +167,8 @@ def test_key_search_lands_in_the_band(n, nc, spread, data):
     j = data.draw(st.integers(1, len(desc)))
     band = j + data.draw(st.sampled_from([0, 1, j // 4 + 2]))
     out = torch.zeros(1, dtype=torch.int32)
-    _key_search_probe[(1,)](torch.from_numpy(keys), torch.from_numpy(valid.astype(np.int32)), out, j, band, N=n, NC=nc)
+    _key_search_probe[(1,)](torch.from_numpy(keys), torch.from_numpy(valid.astype(np.int32)), out, j, band, N=n, NC=nc,
+                            GAP=gap)
     t = int(out[0])
     count = int((desc >= t).sum())
     assert count >= j

@@ -177,6 +177,14 @@ def _vec(x, tile: int) -> int:
     return max(1, min(16 // x.element_size(), tile // 32))
 
 
+def _tie_gap(x) -> int:
+    """pipeline._key_search's GAP for the finish's exact k-th search: distinct values of 2-byte
+    logits (divided by one temperature) lie at least ~2**15 (bfloat16, 8 significant bits) or
+    ~2**12 (float16, 11 bits) float32 keys apart, so ties at the k-th value are common there
+    and a range that narrow holds about one distinct key; float32 logits rarely tie (0: off)."""
+    return {torch.bfloat16: 1 << 15, torch.float16: 1 << 12}.get(x.dtype, 0)
+
+
 def _regs(warps_per_sm: int) -> int:
     """Registers per thread that let ``warps_per_sm`` warps share an SM's 64K."""
     return min(255, 65536 // (32 * warps_per_sm)) // 8 * 8
@@ -389,7 +397,8 @@ def run(step):
         kw = dict(MODE=mode, **hflags, HAS_TEMP=has_temp, FAST=fast, NEED_S=need_s, NEED_RAW=need_raw,
                   CT=_p2(chunk_len), CP=_p2(chunks), FT=cfg.finish_tile,
                   FRL=min(cfg.small_regs_low or cfg.finish_regs, cfg.finish_regs), FR=cfg.finish_regs,
-                  NKP=cfg.finish_pairs, TILE=cfg.fallback_tile, num_warps=cfg.small_warps, enable_fp_fusion=False)
+                  NKP=cfg.finish_pairs, TILE=cfg.fallback_tile, GAP=_tie_gap(x), num_warps=cfg.small_warps,
+                  enable_fp_fusion=False)
         if interpreting():
             # programs run one after another: the waits become launch boundaries
             for phase in (1, 2, 3):
@@ -448,7 +457,7 @@ def run(step):
             MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
             NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(stats), FT=cfg.finish_tile,
             FRL=min(cfg.finish_regs_low or cfg.finish_regs, cfg.finish_regs), FR=cfg.finish_regs,
-            NKP=cfg.finish_pairs, TILE=cfg.fallback_tile,
+            NKP=cfg.finish_pairs, TILE=cfg.fallback_tile, GAP=_tie_gap(x),
             PDL=pdl, launch_pdl=pdl, num_warps=cfg.finish_warps, enable_fp_fusion=False,
             **({"maxnreg": _regs(cfg.finish_programs_per_sm * cfg.finish_warps)}
                if cfg.finish_programs_per_sm and busy else {}),
