@@ -569,14 +569,15 @@ def test_penalties_use_out_counts_and_given_positions():
     np.testing.assert_allclose(lp.numpy(), ref[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("truncated", [False, True])
-def test_cache_table_insertions_match_the_stateless_path(truncated):
+@pytest.mark.parametrize("truncated,penalised", [(False, True), (True, True), (True, False)])
+def test_cache_table_insertions_match_the_stateless_path(truncated, penalised):
     """The prep's insertion of the cache's pending token and its table pass over several blocks
     of 16 columns: new ids inserted at the front, at a block boundary, in the middle and at the
     end, known ids counted again, against the stateless path over the raw ids. Every processed
     value is in the top-n lists (n = V), so a wrong penalised value or a lost table entry shows.
     With ``truncated`` (top-k on every row) the rows take the candidate path, otherwise they
-    choose in two levels; both are checked against the reference too."""
+    choose in two levels; both are checked against the reference too. Without penalties the
+    table is only updated (no penalty table): its ids and states are checked at the end."""
     rows, vocab = 4, 96
     rng = np.random.default_rng(12)
     # 40 distinct even ids 8..86 (then repeats): an odd id 2r + 7 is new, with rank r
@@ -588,9 +589,12 @@ def test_cache_table_insertions_match_the_stateless_path(truncated):
         [7, 87, 2 * 15 + 7, 40],
         [2 * 32 + 7, 2 * 31 + 7, 41, 9],
     ])
-    param = SamplingParam.from_numpy(
+    pen = dict(
         repetition_penalty=np.array([1.3, 0.8, 1.5, 1.1]), frequency_penalty=np.array([0.5, 0.25, 0.0, 1.0]),
-        presence_penalty=np.array([0.3, 0.0, 0.7, 0.1]), temperature=np.array([0.9, 1.0, 1.3, 0.7]),
+        presence_penalty=np.array([0.3, 0.0, 0.7, 0.1]),
+    )
+    param = SamplingParam.from_numpy(
+        **(pen if penalised else {}), temperature=np.array([0.9, 1.0, 1.3, 0.7]),
         top_k=np.full(rows, 60 if truncated else 0), seed=np.arange(rows) + 5,
     )
     rids = np.arange(rows) + 40
@@ -611,9 +615,12 @@ def test_cache_table_insertions_match_the_stateless_path(truncated):
             out = np.concatenate([out, new[:, step : step + 1]], 1)
     table = cached.cache.table
     assert table.ids.shape[1] > 3 * 16  # (several blocks)
-    for row, o in zip(table.ids.numpy(), out):
-        ids = np.unique(np.concatenate([prompt[0], o]))
+    for row, flags, p, o in zip(table.ids.numpy(), table.flags.numpy(), prompt, out):
+        ids = np.unique(np.concatenate([p, o]))
         np.testing.assert_array_equal(row[: len(ids)], ids)
+        np.testing.assert_array_equal(row[len(ids):], -1)
+        # every id is in the repetition penalty's history (prompt + output): 2 * output count + 1
+        np.testing.assert_array_equal(flags[: len(ids)], 2 * (o[:, None] == ids).sum(0) + 1)
 
 
 def test_huge_history_and_empty_history():
