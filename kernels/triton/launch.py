@@ -109,7 +109,8 @@ class Config:
     #: doubled until small_per_sm programs of small_warps warps per SM hold the grid (registers
     #: capped to fit), two waits for values the others publish, the pivot from the chunks' maxima
     #: (0: off). B = 1 S2 against the three kernels, same run: fp32 24.0 -> 16.2 us, bf16 25.9 ->
-    #: 17.5 (NOTES v22); 13.7 / 15.0 since the waits need no fence (v23).
+    #: 17.5 (NOTES v22); 13.7 / 15.0 since the waits need no fence (v23); bf16 13.9 once the
+    #: finish's k-th search stops at tied keys (v24).
     small_rows: int = 2
     small_chunk: int = 1024
     small_warps: int = 8
