@@ -182,7 +182,9 @@ def _tie_gap(x) -> int:
     """pipeline._key_search's GAP for the finish's exact k-th search: distinct values of 2-byte
     logits (divided by one temperature) lie at least ~2**15 (bfloat16, 8 significant bits) or
     ~2**12 (float16, 11 bits) float32 keys apart, so ties at the k-th value are common there
-    and a range that narrow holds about one distinct key; float32 logits rarely tie (0: off)."""
+    and a range that narrow holds about one distinct key; float32 logits rarely tie (0: off).
+    Penalised values lie off that grid; the search's result does not depend on GAP, only its
+    number of steps."""
     return {torch.bfloat16: 1 << 15, torch.float16: 1 << 12}.get(x.dtype, 0)
 
 
