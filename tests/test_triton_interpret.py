@@ -524,6 +524,59 @@ def test_penalised_tokens_decide_the_row_from_their_own_chunk(programs_per_sm):
     assert (out_nan[1].numpy()[[0, 2, 3, 4, 5, 6]] >= 0).all()
 
 
+def test_truncated_rows_whose_raw_maxima_are_penalised(monkeypatch):
+    # Every row truncates, and the raw maxima are penalised tokens that the penalties bring far
+    # down: a raw value among the candidates or a raw row max would change the token (row 0:
+    # the raw 20 would win) or the min-p cut (row 1). Row 2's raw 3e38 / T overflows but its
+    # penalised value does not: the row is valid and that token wins. Row 3 penalises every
+    # token. (A scan that reads penalised tokens unmasked must get all of these right:
+    # bench/NOTES.md v26; this test failed on five mutations of that experiment.)
+    launch = _launch()
+    rows, vocab = 5, 150
+    rng = np.random.default_rng(31)
+    x = logits(rows, vocab, seed=31)
+    hot = rng.choice(vocab, (rows, 6), replace=False)
+    x[np.arange(rows)[:, None], hot] = 20.0
+    x[2, hot[2, 0]] = 3e38
+    rep = np.full((rows, vocab), -1)
+    rep[:, :6] = hot
+    rep[3] = np.arange(vocab)
+    out = hot[:, :3].copy()
+    data = SamplingData.from_numpy(all_input_ids=rep, output_ids=out)
+    param = SamplingParam.from_numpy(
+        repetition_penalty=np.full(rows, 4.0), frequency_penalty=np.full(rows, 0.5),
+        presence_penalty=np.full(rows, 1.0), temperature=np.array([0.8, 1.0, 0.5, 0.9, 1.2]),
+        top_k=np.array([5, 0, 3, 4, 8]), top_p=np.array([1.0, 1.0, 0.8, 0.9, 0.95]),
+        min_p=np.array([0.0, 0.3, 0.0, 0.0, 0.05]), seed=np.arange(rows) + 7,
+    )
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    ours, ref = run_both(x, param, data, n=4)
+    assert_same(ours, ref, n=4)
+    # lists longer than the finish's low register tier
+    with launch.use_config(finish_regs_low=4):
+        long, _ = run_both(x, param, data, n=4)
+    assert (debug["ncand"].numpy() > 4).all()
+    assert_same(long, ref, n=4)
+    tok = ours[1].numpy()
+    assert tok[2] == hot[2, 0] and all(tok[b] not in set(hot[b].tolist()) for b in (0, 1, 4))
+    # "processed" log-probabilities (the row sums) choose the same tokens
+    processed, _ = run_both(x, param, data, mode="processed")
+    np.testing.assert_array_equal(processed[1].numpy(), tok)
+    # more candidates than slots: the fallback
+    flat = logits(rows, vocab, scale=0.3, seed=32)
+    flat[np.arange(rows)[:, None], hot] = 20.0
+    with launch.use_config(cap=16):
+        ours, ref = run_both(flat, param, data)
+    assert (debug["status"].numpy() == 2).any()
+    assert_same(ours, ref)
+    # a NaN on a penalised token makes its row invalid
+    x[1, hot[1, 1]] = np.nan
+    bad = Sampler(backend="triton", check_logits=False)(torch.from_numpy(x), data, param)
+    assert bad[1].numpy()[1] == -1 and np.isnan(bad[0].numpy()[1])
+    assert (bad[1].numpy()[[0, 2, 3, 4]] >= 0).all()
+
+
 @pytest.mark.parametrize("sample", [64, 256])
 def test_prefetched_penalty_lookups_match_reference(sample):
     # the scan's pipelined bitmask / penalised-value loads (two and one tiles ahead) must see
