@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import numpy as np
@@ -37,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sampling import Sampler  # noqa: E402
 from sampling.kernels.triton import launch  # noqa: E402
 from sampling.kernels.triton import pipeline as K  # noqa: E402
-from bench_gpu import scenario_inputs  # noqa: E402
+from bench_gpu import scenario_inputs, time_graph  # noqa: E402
 
 NAMES = ("_prep_kernel", "_scan_kernel", "_finish_kernel")
 
@@ -75,30 +74,9 @@ def launch_one(rec, name, grid=None, **changes):
     return getattr(K, name)[grid or g](*args, **kw)
 
 
-def time_us(fn, inner=20, repeats=11):
-    """Median microseconds of fn() replayed from a CUDA graph of ``inner`` copies."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / inner)
-    del graph
-    return statistics.median(times)
+def time_us(fn):
+    """Median microseconds of fn() replayed from a CUDA graph (the benchmark's timing)."""
+    return time_graph(torch, lambda i: fn(), 1)[0]
 
 
 def main():
@@ -162,25 +140,18 @@ def main():
         for pps, w, rg in ((20, 4, 112), (19, 4, 128), (16, 8, 96), (12, 8, 128)):
             rec = recs[pps]
 
-            def conc():
+            def conc(finish):
                 main = torch.cuda.current_stream()
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
                     launch_one(rec, "_prep_kernel", PDL=False, num_warps=w, maxnreg=rg)
                 launch_one(rec, "_scan_kernel", PDL=False, maxnreg=80)
                 main.wait_stream(side)
-                launch_one(rec, "_finish_kernel", PDL=False)
+                if finish:
+                    launch_one(rec, "_finish_kernel", PDL=False)
 
-            def conc2():
-                main = torch.cuda.current_stream()
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    launch_one(rec, "_prep_kernel", PDL=False, num_warps=w, maxnreg=rg)
-                launch_one(rec, "_scan_kernel", PDL=False, maxnreg=80)
-                main.wait_stream(side)
-
-            note(f"{sc} conc: scan {pps}/SM || prep {w}w@{rg}, then finish", time_us(conc))
-            note(f"{sc} conc: scan {pps}/SM || prep {w}w@{rg} (no finish)", time_us(conc2))
+            note(f"{sc} conc: scan {pps}/SM || prep {w}w@{rg}, then finish", time_us(lambda: conc(True)))
+            note(f"{sc} conc: scan {pps}/SM || prep {w}w@{rg} (no finish)", time_us(lambda: conc(False)))
     json.dump(dict(rows=a.rows, vocab=a.vocab, dtype=a.dtype, us=results, compiled=comp,
                    gpu=torch.cuda.get_device_name(), torch=torch.__version__),
               open(os.path.join(a.out, "probe_concurrent.json"), "w"), indent=1)
