@@ -574,3 +574,45 @@ def test_cached_decode_steps_are_bit_identical_to_the_stateless_path():
         for g, w in zip(got, want):
             assert torch.equal(g, w), step
         out = np.concatenate([out, want[1].cpu().numpy()[:, None]], axis=1)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_penalties_on_the_candidates_are_bit_identical_to_the_masked_scan(cached, monkeypatch):
+    """S3 rows (sampling log-probabilities, penalties that only lower values) take the path that
+    penalises the scan's raw candidates in the finish (launch.Config.cand). Half the rows have
+    their history's tokens lifted to the top, so most of their candidates are penalised (past
+    cand_compares: the whole table in the finish); against the masked scan bit for bit, from
+    raw ids and from the request cache's table over a prefill and two decode steps, and against
+    numpy."""
+    from sampling.kernels.triton import launch
+
+    rows = 8 if SMALL else 256
+    data = history(rows, seed=21)
+    param = params(rows, "S3", seed=21)
+    prompt, out = data.all_input_ids[:, :1024], data.output_ids
+    rids = np.arange(rows) + 900
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    cand, masked = Sampler(backend="triton", seed=4), Sampler(backend="triton", seed=4)
+    for step in range(3 if cached else 1):
+        hist = np.concatenate([prompt, out], axis=1)
+        xt = randn_logits(rows, seed=21 + step)
+        lift = torch.zeros_like(xt)
+        lift[::2].scatter_(1, cuda(hist[::2]), 6.0)
+        xt = xt + lift
+        if cached and step == 0:
+            data = SamplingData.from_numpy(all_input_ids=hist, output_ids=out, request_ids=rids, is_prefill=True)
+        elif cached:
+            data = SamplingData.from_numpy(request_ids=rids, is_prefill=False)
+        else:
+            data = SamplingData.from_numpy(all_input_ids=hist, output_ids=out)
+        got = cand(xt, data, param)
+        assert debug["cand"]
+        with launch.use_config(cand=0):
+            want = masked(xt, data, param)
+        assert not debug["cand"]
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), step
+        ref = ref_sample(xt.cpu().numpy(), param, SamplingData.from_numpy(all_input_ids=hist, output_ids=out))
+        check_agreement(xt.cpu().numpy(), param, got, ref, SamplingData.from_numpy(all_input_ids=hist, output_ids=out))
+        out = np.concatenate([out, got[1].cpu().numpy()[:, None]], axis=1)

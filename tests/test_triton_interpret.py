@@ -559,6 +559,14 @@ def test_truncated_rows_whose_raw_maxima_are_penalised(monkeypatch):
     assert (debug["ncand"].numpy() > 4).all()
     assert_same(long, ref, n=4)
     tok = ours[1].numpy()
+    # without top-n the finish applies the penalties to the raw candidates (CAND): row 2's
+    # raw flag sends it through the exact pass, row 3 has no candidate left
+    for low in (16, 4):
+        with launch.use_config(finish_regs_low=low):
+            cand, ref0 = run_both(x, param, data)
+        assert debug["cand"] and debug["status"].numpy()[3] == 2
+        assert_same(cand, ref0)
+        np.testing.assert_array_equal(cand[1].numpy(), tok)
     assert tok[2] == hot[2, 0] and all(tok[b] not in set(hot[b].tolist()) for b in (0, 1, 4))
     # "processed" log-probabilities (the row sums) choose the same tokens
     processed, _ = run_both(x, param, data, mode="processed")
@@ -568,13 +576,77 @@ def test_truncated_rows_whose_raw_maxima_are_penalised(monkeypatch):
     flat[np.arange(rows)[:, None], hot] = 20.0
     with launch.use_config(cap=16):
         ours, ref = run_both(flat, param, data)
-    assert (debug["status"].numpy() == 2).any()
+    assert debug["cand"] and (debug["status"].numpy() == 2).any()
     assert_same(ours, ref)
     # a NaN on a penalised token makes its row invalid
     x[1, hot[1, 1]] = np.nan
     bad = Sampler(backend="triton", check_logits=False)(torch.from_numpy(x), data, param)
     assert bad[1].numpy()[1] == -1 and np.isnan(bad[0].numpy()[1])
     assert (bad[1].numpy()[[0, 2, 3, 4]] >= 0).all()
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_penalties_on_the_candidates_match_the_masked_scan(monkeypatch, cached):
+    # Every row truncates, no row sums, penalties that only lower values: the prep builds the
+    # bitmask alone, the scan reads the raw logits, and the finish penalises the candidates
+    # (pipeline._cand_penalties), comparing them with the history or, past cand_compares,
+    # from the whole table built in the finish. The histories hold each row's raw favourites,
+    # so many candidates are penalised. Same bits as the masked scan (cand = 0), and the
+    # reference's tokens, over two decode steps of the request cache when ``cached``.
+    launch = _launch()
+    rows, vocab = 6, 300
+    rng = np.random.default_rng(44)
+    arrays = dict(
+        repetition_penalty=np.array([1.0, 1.5, 3.0, 1.2, 1.5, 1.1]),
+        frequency_penalty=np.array([0.5, 0.0, 1.0, 0.2, 0.0, 3.0]),
+        presence_penalty=np.array([0.0, 0.4, 1.0, 0.0, 0.5, 0.1]),
+        temperature=np.array([0.7, 1.0, 1.3, 0.5, 0.9, 1.0]),
+        top_k=np.array([5, 20, 0, 40, 12, 12]), top_p=np.array([1.0, 0.9, 1.0, 0.8, 1.0, 0.95]),
+        min_p=np.array([0.0, 0.0, 0.1, 0.05, 0.0, 0.02]), seed=np.arange(rows) + 3,
+    )
+    param = SamplingParam.from_numpy(**arrays)
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    rids = np.arange(rows) + 70
+    samplers = {c: Sampler(backend="triton", seed=5) for c in ("cand", "masked", "table")}
+    configs = {"cand": {}, "masked": {"cand": 0}, "table": {"cand_compares": 1}}
+    x = logits(rows, vocab, seed=60)
+    fav = np.argsort(-x, 1)[:, :40]
+    prompt = rng.integers(-2, vocab + 2, (rows, 40))
+    prompt[:, :4] = fav[:, :4]
+    # row 4: its 40 favourites penalised, so fewer than k candidates stay above the raw
+    # pivot: the row must take the fallback, not the survivors among the candidates
+    prompt[4] = fav[4]
+    out = rng.integers(0, vocab, (rows, 12))
+    out[:, :3] = fav[:, 2:5]
+    for step in range(2):
+        hist = np.concatenate([prompt, out], 1)
+        kw = dict(request_ids=rids, is_prefill=step == 0) if cached else {}
+        data = SamplingData.from_numpy(all_input_ids=hist, output_ids=out, **kw)
+        got = {}
+        for c, s in samplers.items():
+            with launch.use_config(**configs[c]):
+                got[c] = s(torch.from_numpy(x), data, param)
+            assert debug["cand"] == (c != "masked")
+        ref = reference.sample(x, param.arrays, rep_ids=hist, out_ids=out, sampler_seed=5, call=step)
+        assert_same(got["cand"], ref)
+        assert debug["status"].numpy()[4] == 2
+        for c in ("masked", "table"):
+            for g, w in zip(got[c], got["cand"]):
+                assert torch.equal(g, w), (c, step)
+        # the next step: the sampled tokens join the history, the favourites barely move
+        out = np.concatenate([out, got["cand"][1].numpy()[:, None]], 1)
+        x = x + logits(rows, vocab, scale=0.1, seed=61)
+    # raw log-probabilities take the same path
+    data = SamplingData.from_numpy(all_input_ids=np.concatenate([prompt, out], 1), output_ids=out)
+    ours, ref = run_both(x, param, data, mode="raw")
+    assert debug["cand"]
+    assert_same(ours, ref)
+    # a penalty that raises values (repetition < 1) keeps the masked scan
+    up = SamplingParam.from_numpy(**{**arrays, "repetition_penalty": np.full(rows, 0.8)})
+    ours, ref = run_both(x, up, data)
+    assert not debug["cand"]
+    assert_same(ours, ref)
 
 
 @pytest.mark.parametrize("sample", [64, 256])

@@ -118,6 +118,14 @@ class Config:
     #: The finish's low register tier in the one-launch path, whose pivot leaves ~60 candidates
     #: per row at k = 50 (a probe: 22.2 -> 20.7 us against 1024 slots, bench/NOTES.md v22).
     small_regs_low: int = 128
+    #: Batches whose rows all truncate, need no row sums and have penalties that only lower
+    #: values apply the penalties to the candidates in the finish (pipeline._cand_penalties):
+    #: the prep builds only the bitmask, the scan reads the raw logits (0: off).
+    cand: int = 1
+    #: ... and compare a row's penalised candidates with its history ids while that takes at most
+    #: cand_compares compares (a few candidates: the tokens the model favours are rarely the
+    #: penalised ones); more build the row's whole penalty table in the finish instead.
+    cand_compares: int = 65536
     #: Launch prep, scan and finish with programmatic dependent launch where the GPU (sm_90+)
     #: and Triton support it: each waits for the one before at entry, and is launched as soon
     #: as every program of the one before has reached its end (pipeline._gdc_wait / _gdc_done).
@@ -333,6 +341,11 @@ def run(step):
     # rows without top-k (the finish checks that their candidates hold the nucleus)
     need_s = mode == 1 or any_plain or bool((trunc & ~active_k & (host["top_p"] < 1)).any())
     need_raw = mode == 2
+    # Penalties on the candidates (pipeline._cand_penalties): the candidates of the raw logits
+    # then hold every token whose penalised value passes, since no penalty raises a value.
+    lowers = bool(((host["repetition_penalty"] >= 1) & (host["frequency_penalty"] >= 0)
+                   & (host["presence_penalty"] >= 0)).all())
+    cand = bool(cfg.cand) and pen and lowers and not any_plain and not need_s and not step.num_logprobs
 
     fast = dev.type == "cuda" and bool(
         ((host["temperature"] >= 2.0**-20) & (host["temperature"] <= 2.0**20)).all()
@@ -358,8 +371,8 @@ def run(step):
     # per row take the penalty table's slots (pipeline._pen_chunk). A constant (the chunks
     # depend on the batch size alone): a growing history changes no workspace shape and no
     # kernel variant.
-    slots = (R if table else R + O) if pen else 0
-    pen_items = cfg.pen_items if pen else 0
+    slots = (R if table else R + O) if pen and not cand else 0
+    pen_items = cfg.pen_items if pen and not cand else 0
     span = triton.cdiv(triton.cdiv(slots, max(pen_items, 1)), cfg.tile) * cfg.tile
     nitems = rows * (chunks + pen_items)
     nprog = min(nitems, nprog)
@@ -427,7 +440,7 @@ def run(step):
                 *common, ws["theta"], ws["ythr"], cfg.cap,
                 HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, TABLE=table, HAS_NEW=new is not None,
                 **hflags,
-                PIVOT=any_trunc, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
+                PIVOT=any_trunc, CAND=cand, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
                 BL=cfg.prep_block, BW=cfg.prep_words,
                 PDL=pdl, launch_pdl=pdl, num_warps=cfg.prep_warps, enable_fp_fusion=False,
                 # prep_programs_per_sm programs per SM (2: B = 256 on 132 SMs in one wave); uncapped,
@@ -442,7 +455,7 @@ def run(step):
             ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
             *hist, *seeds, ws["ythr"], ws["ncand"], ws["pc"], ws["cval"], ws["cidx"], cfg.cap,
             PREP=prep, **hflags,
-            HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
+            HAS_PEN=pen and not cand, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
             NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, VEC=_vec(x, cfg.tile),
             D=cfg.emit_depth, TABLE=table, NS=cfg.scan_stages, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
             # every persistent program must be resident at once: cap the registers so that
@@ -454,10 +467,14 @@ def run(step):
             x, x.stride(0), vocab, stats,
             *common, ws["rowkey"],
             pen_tab, words, rs,
+            rep if rep is not None else dummy, rep_stride, R, *hist[:5],
+            P["repetition_penalty"], P["frequency_penalty"], P["presence_penalty"],
             ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
             ws["theta"], ws["ncand"], ws["cval"], ws["cidx"], ws["cw"], cfg.cap,
             tok, lp, ws["status"], ws["tau"], ws["lse"], counter,
-            MODE=mode, HAS_PEN=pen, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
+            MODE=mode, HAS_PEN=pen, CAND=cand, TABLE=table, PEN_REP=pen_rep, PEN_OUT=pen_out,
+            HAS_COUNTS=hflags["HAS_COUNTS"], BL=cfg.prep_block, BW=cfg.prep_words, HLIM=cfg.cand_compares,
+            HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_TRUNC=any_trunc,
             NEED_S=need_s, NEED_RAW=need_raw, CP=_p2(stats), FT=cfg.finish_tile,
             FRL=min(cfg.finish_regs_low or cfg.finish_regs, cfg.finish_regs), FR=cfg.finish_regs,
             NKP=cfg.finish_pairs, TILE=cfg.fallback_tile, GAP=_tie_gap(x),
@@ -467,6 +484,7 @@ def run(step):
         )
     if DEBUG is not None:
         DEBUG["small"] = small is not None
+        DEBUG["cand"] = cand
         DEBUG["status"] = ws["status"].clone()
         DEBUG["ncand"] = ws["ncand"].clone()
         DEBUG["theta"] = ws["theta"].clone()

@@ -724,6 +724,102 @@ def _table_add(ids_row, st_row, pos_ptr, tok, R, V, BL: tl.constexpr):
     tl.debug_barrier()
 
 
+@triton.jit
+def _pen_table(pen_row, W, RS, x_row, rep_row, R, out_row, O, cnt_row, r, f, pp, V,
+               PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, HAS_COUNTS: tl.constexpr,
+               BITS: tl.constexpr, FAST: tl.constexpr, BL: tl.constexpr, BW: tl.constexpr):
+    """A row's penalty table from its history (raw ids: rep_row, R and out_row, O, weighted by
+    cnt_row when HAS_COUNTS; or the cache's table: rep_row ids, cnt_row states, R columns).
+
+    The row's penalty table, pen[b] = [bits: W words | prefix: W words | values: S | state: S
+    | token ids: S]: bit t of the bitmask marks a penalised token, the prefix holds the set
+    bits of the words before each word, so a penalised token's slot is its rank among the
+    row's penalised tokens; values holds its penalised float32 value, state 2 * (output
+    count) + (seen by the repetition penalty), token ids the slot's token (for the scan's
+    penalised-token items). Everything the scan reads is O(V / 32 + L) per row, written
+    coalesced or into a few KB, not scattered over a [B, V] table (bench/NOTES.md, v7).
+
+    BITS: the bitmask only, and for the cache's table the prefix (a penalised token's column),
+    no values: the finish applies the penalties to the candidates, and builds the rest of the
+    table itself for the rare rows that need every token's value."""
+    lanes = tl.arange(0, BL)
+    wl = tl.arange(0, BW)
+    zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
+    for w0 in range(0, W, BW):
+        tl.store(pen_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
+    if TABLE:
+        # The cache's table (rep_ptr: ids, cnt_ptr: states, R columns): its valid ids are
+        # distinct, ascending and first in the row, so the ids of one bitmask word sit in
+        # consecutive columns. The "prefix" of a word that has set bits is the column of its
+        # first id, written by that id (no prefix sum; the words without set bits are left
+        # unwritten: a lookup reads a value only on a hit), and a penalised token's slot is
+        # its column. One pass, no lookups; the states are the cache's own (no state slots).
+        tl.debug_barrier()
+        for i0 in range(0, R, BL):
+            i, ok, ts = _ids(rep_row, i0, lanes, R, V)
+            _set_bits(pen_row, ts, ok)
+            before = tl.load(rep_row + i - 1, mask=ok & (i > 0), other=-1)
+            first = ok & ((i == 0) | ((before >> 5) != (ts >> 5).to(tl.int64)))
+            tl.store(pen_row + W + (ts >> 5), i, mask=first)
+            if not BITS:
+                st = tl.load(cnt_row + i, mask=ok, other=0)
+                z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
+                tl.store(zrow + i, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
+    else:
+        S, slot_row, id_row = _raw_slots(pen_row, W, RS)
+        if not BITS:
+            for i0 in range(0, S, BW):
+                tl.store(slot_row + i0 + wl, tl.zeros([BW], tl.int32), mask=i0 + wl < S)
+                tl.store(id_row + i0 + wl, tl.full([BW], -1, tl.int32), mask=i0 + wl < S)
+        tl.debug_barrier()
+        # Phase 1: the bits of every penalised token.
+        if PEN_REP:
+            for i0 in range(0, R, BL):
+                i, ok, ts = _ids(rep_row, i0, lanes, R, V)
+                _set_bits(pen_row, ts, ok)
+        if PEN_OUT:
+            for i0 in range(0, O, BL):
+                i, ok, ts = _ids(out_row, i0, lanes, O, V)
+                _set_bits(pen_row, ts, ok)
+        if not BITS:
+            tl.debug_barrier()
+            # Phase 2: the exclusive prefix of the words' set bits; n penalised tokens.
+            n = _word_prefix(pen_row, W, FAST, BW)
+            tl.debug_barrier()
+            # Phase 3: seen flags and output counts, per slot, and each slot's token id (every id
+            # of a token writes the same one).
+            if PEN_REP:
+                for i0 in range(0, R, BL):
+                    i, ok, ts = _ids(rep_row, i0, lanes, R, V)
+                    word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
+                    slot = _rank(word, pre, ts, FAST)
+                    tl.atomic_or(slot_row + slot, tl.full([BL], 1, tl.int32), mask=ok, sem="relaxed")
+                    tl.store(id_row + slot, ts, mask=ok)
+            if PEN_OUT:
+                for i0 in range(0, O, BL):
+                    i, ok, ts = _ids(out_row, i0, lanes, O, V)
+                    if HAS_COUNTS:
+                        w = tl.load(cnt_row + i, mask=ok, other=0).to(tl.int32)
+                    else:
+                        w = tl.full([BL], 1, tl.int32)
+                    word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
+                    slot = _rank(word, pre, ts, FAST)
+                    tl.atomic_add(slot_row + slot, 2 * w, mask=ok, sem="relaxed")
+                    tl.store(id_row + slot, ts, mask=ok)
+            tl.debug_barrier()
+            # Phase 4: penalised values, per slot: its token and state are read in order, one
+            # gather of the logits per penalised token (not per id, after a second rank lookup:
+            # the ids' phase cost ~30% of the prep, bench/NOTES.md v18). Loads take no mask (the
+            # slot clamped to the last used one).
+            for s0 in range(0, n, BL):
+                sl = s0 + lanes
+                sc = tl.minimum(sl, n - 1)
+                ts = tl.load(id_row + sc, cache_modifier=".cg")
+                st = tl.load(slot_row + sc, cache_modifier=".cg")
+                z = tl.load(x_row + ts).to(tl.float32)
+                tl.store(zrow + sl, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=sl < n)
+
+
 # Arguments that change from one decode step to the next are not specialised: Triton would
 # otherwise compile a new variant each time an integer crosses 1 or a multiple of 16 (history
 # widths and strides, batch size, chunk counts: every few steps of a growing history) or a
@@ -748,9 +844,12 @@ def _prep_kernel(
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
     HAS_REP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
     PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, HAS_NEW: tl.constexpr, PIVOT: tl.constexpr,
-    HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr,
+    CAND: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr,
     BL: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr,
 ):
+    """CAND (the finish applies the penalties to the candidates, :func:`_cand_penalties`): the
+    penalty table is the bitmask alone, and the pivot guesses from the raw logits (penalties
+    that only lower values: a guess, verified by the finish against the penalised values)."""
     _gdc_wait(PDL)
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
@@ -760,7 +859,7 @@ def _prep_kernel(
     # table's work, when that work is one pass (the cache's table, or no penalties). Held in
     # registers through the raw ids' four phases, it left ptxas too few to issue a phase's
     # loads together: there it is loaded after them (bench/NOTES.md, v17).
-    EARLY: tl.constexpr = TABLE or not (PEN_REP or PEN_OUT)
+    EARLY: tl.constexpr = TABLE or CAND or not (PEN_REP or PEN_OUT)
     if PIVOT and EARLY:
         sbase, spos, smask, sx = _sample(x_ptr + b64 * x_stride, V, NS)
     if HAS_NEW:
@@ -771,100 +870,19 @@ def _prep_kernel(
     tl.store(rowkey_ptr + b, key.to(tl.int64))
 
     if PEN_REP or PEN_OUT:
-        # The row's penalty table, pen[b] = [bits: W words | prefix: W words | values: S | state: S
-        # | token ids: S]: bit t of the bitmask marks a penalised token, the prefix holds the set
-        # bits of the words before each word, so a penalised token's slot is its rank among the
-        # row's penalised tokens; values holds its penalised float32 value, state 2 * (output
-        # count) + (seen by the repetition penalty), token ids the slot's token (for the scan's
-        # penalised-token items). Everything the scan reads is O(V / 32 + L) per row, written
-        # coalesced or into a few KB, not scattered over a [B, V] table (bench/NOTES.md, v7).
-        pen_row = pen_ptr + b64 * RS
-        zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
-        x_row = x_ptr + b64 * x_stride
-        rep_row = rep_ptr + b64 * rep_stride
-        out_row = out_ptr + b64 * out_stride
-        wl = tl.arange(0, BW)
-        r = tl.load(rp_ptr + b)
-        f = tl.load(fp_ptr + b)
-        pp = tl.load(pp_ptr + b)
-        for w0 in range(0, W, BW):
-            tl.store(pen_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
-        if TABLE:
-            # The cache's table (rep_ptr: ids, cnt_ptr: states, R columns): its valid ids are
-            # distinct, ascending and first in the row, so the ids of one bitmask word sit in
-            # consecutive columns. The "prefix" of a word that has set bits is the column of its
-            # first id, written by that id (no prefix sum; the words without set bits are left
-            # unwritten: a lookup reads a value only on a hit), and a penalised token's slot is
-            # its column. One pass, no lookups; the states are the cache's own (no state slots).
-            tl.debug_barrier()
-            for i0 in range(0, R, BL):
-                i, ok, ts = _ids(rep_row, i0, lanes, R, V)
-                _set_bits(pen_row, ts, ok)
-                before = tl.load(rep_row + i - 1, mask=ok & (i > 0), other=-1)
-                first = ok & ((i == 0) | ((before >> 5) != (ts >> 5).to(tl.int64)))
-                tl.store(pen_row + W + (ts >> 5), i, mask=first)
-                st = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0)
-                z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
-                tl.store(zrow + i, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
-        else:
-            S, slot_row, id_row = _raw_slots(pen_row, W, RS)
-            for i0 in range(0, S, BW):
-                tl.store(slot_row + i0 + wl, tl.zeros([BW], tl.int32), mask=i0 + wl < S)
-                tl.store(id_row + i0 + wl, tl.full([BW], -1, tl.int32), mask=i0 + wl < S)
-            tl.debug_barrier()
-            # Phase 1: the bits of every penalised token.
-            if PEN_REP:
-                for i0 in range(0, R, BL):
-                    i, ok, ts = _ids(rep_row, i0, lanes, R, V)
-                    _set_bits(pen_row, ts, ok)
-            if PEN_OUT:
-                for i0 in range(0, O, BL):
-                    i, ok, ts = _ids(out_row, i0, lanes, O, V)
-                    _set_bits(pen_row, ts, ok)
-            tl.debug_barrier()
-            # Phase 2: the exclusive prefix of the words' set bits; n penalised tokens.
-            n = _word_prefix(pen_row, W, FAST, BW)
-            tl.debug_barrier()
-            # Phase 3: seen flags and output counts, per slot, and each slot's token id (every id
-            # of a token writes the same one).
-            if PEN_REP:
-                for i0 in range(0, R, BL):
-                    i, ok, ts = _ids(rep_row, i0, lanes, R, V)
-                    word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
-                    slot = _rank(word, pre, ts, FAST)
-                    tl.atomic_or(slot_row + slot, tl.full([BL], 1, tl.int32), mask=ok, sem="relaxed")
-                    tl.store(id_row + slot, ts, mask=ok)
-            if PEN_OUT:
-                for i0 in range(0, O, BL):
-                    i, ok, ts = _ids(out_row, i0, lanes, O, V)
-                    if HAS_COUNTS:
-                        w = tl.load(cnt_ptr + b64 * cnt_stride + i, mask=ok, other=0).to(tl.int32)
-                    else:
-                        w = tl.full([BL], 1, tl.int32)
-                    word, pre = _pen_words(pen_row, ts, ok, W, ".cg")
-                    slot = _rank(word, pre, ts, FAST)
-                    tl.atomic_add(slot_row + slot, 2 * w, mask=ok, sem="relaxed")
-                    tl.store(id_row + slot, ts, mask=ok)
-            tl.debug_barrier()
-            # Phase 4: penalised values, per slot: its token and state are read in order, one
-            # gather of the logits per penalised token (not per id, after a second rank lookup:
-            # the ids' phase cost ~30% of the prep, bench/NOTES.md v18). Loads take no mask (the
-            # slot clamped to the last used one).
-            for s0 in range(0, n, BL):
-                sl = s0 + lanes
-                sc = tl.minimum(sl, n - 1)
-                ts = tl.load(id_row + sc, cache_modifier=".cg")
-                st = tl.load(slot_row + sc, cache_modifier=".cg")
-                z = tl.load(x_row + ts).to(tl.float32)
-                tl.store(zrow + sl, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=sl < n)
+        _pen_table(pen_ptr + b64 * RS, W, RS, x_ptr + b64 * x_stride, rep_ptr + b64 * rep_stride, R,
+                   out_ptr + b64 * out_stride, O, cnt_ptr + b64 * cnt_stride,
+                   tl.load(rp_ptr + b), tl.load(fp_ptr + b), tl.load(pp_ptr + b), V,
+                   PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, CAND, FAST, BL, BW)
     if PIVOT:
         if not EARLY:
             sbase, spos, smask, sx = _sample(x_ptr + b64 * x_stride, V, NS)
-        if PEN_REP or PEN_OUT:
+        PIVOT_PEN: tl.constexpr = (PEN_REP or PEN_OUT) and not CAND
+        if PIVOT_PEN:
             tl.debug_barrier()
         _pivot(sbase, spos, smask, sx, pen_ptr + b64 * RS, W, b, V,
                temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
-               PEN_REP or PEN_OUT, HAS_TEMP, FAST, NS, J0)
+               PIVOT_PEN, HAS_TEMP, FAST, NS, J0)
     _gdc_done(PDL)
 
 
@@ -1436,9 +1454,9 @@ def _top_k_regs(row, cnt, k, th, m, kth_ok, vs, ids, cval_ptr, cidx_ptr, cw_ptr,
 
 
 @triton.jit
-def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
-                    rowkey_ptr, CAP, NEED_S: tl.constexpr, FT: tl.constexpr, FRL: tl.constexpr, FR: tl.constexpr,
-                    NKP: tl.constexpr, GAP: tl.constexpr):
+def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, cnt, ncov, vl, xl, theta_ptr, cval_ptr, cidx_ptr,
+                    cw_ptr, rowkey_ptr, CAP, NEED_S: tl.constexpr, FT: tl.constexpr, FRL: tl.constexpr,
+                    FR: tl.constexpr, NKP: tl.constexpr, GAP: tl.constexpr):
     """Exact top-k / top-p / min-p and the Gumbel-max choice over a row's candidates (every
     z >= theta). Returns (status, token, logprob, tau, lse); status 2 when the candidates do not
     provably hold every survivor (the finish then runs the exact fallback on the row).
@@ -1449,23 +1467,22 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
     survivors are then compacted to the front of the row's lists; top-p over <= NKP of them
     compares every pair (no bisection), over more it bisects chunk by chunk. Masses exp(z - m)
     are int64 fixed point (2**-40), so sums do not depend on the order in which the scan
-    appended candidates."""
+    appended candidates.
+
+    ``cnt`` slots of the row's lists are used, ``ncov`` of them hold candidates (the others, left
+    by :func:`_cand_penalties`, hold -inf); vl, xl: the first FRL slots' values and ids, read by
+    the caller together with the count (those past it hold stale values)."""
     b64 = b.to(tl.int64)
     row = b64 * CAP
     m64 = m.to(tl.float64)
     th = tl.load(theta_ptr + b)
-    cnt = tl.load(ncand_ptr + b)
     status = tl.full([], 2, tl.int32)
     tok = tl.full([], -1, tl.int32)
     lp = tl.full([], float("nan"), tl.float64)
     tau = tl.full([], float("-inf"), tl.float32)
     lse = tl.full([], float("nan"), tl.float64)
     lanes = tl.arange(0, FT)
-    kth_ok = active_k & (k <= cnt)
-    # the low tier's slots, read together with the count (those past it hold stale values)
-    il = tl.arange(0, FRL)
-    vl = tl.load(cval_ptr + row + il, mask=il < CAP, other=float("-inf"))
-    xl = tl.load(cidx_ptr + row + il, mask=il < CAP, other=0)
+    kth_ok = active_k & (k <= ncov)
     if (th < float("inf")) & (cnt <= CAP):
         if cnt <= FRL:
             mass, kmax, kcut, nk, kmass = _top_k_regs(row, cnt, k, th, m, kth_ok, vl, xl, cval_ptr, cidx_ptr, cw_ptr,
@@ -1517,7 +1534,7 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
         # largest value is >= theta), the min-p set if theta is below the min-p cut of the
         # row's max, and the nucleus (top-p without top-k) if their mass reaches p of the
         # row's (the scan's log-sum-exp).
-        cover_k = active_k & (cnt >= k)
+        cover_k = active_k & (ncov >= k)
         cover_m = (mp > 0.0) & (th <= _minp_cut(m, mp))
         covered = cover_k | cover_m
         pw = p.to(tl.float64) * kmass.to(tl.float64)
@@ -1592,22 +1609,214 @@ def _candidates_row(b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncan
 
 
 @triton.jit
+def _hit_states(hid, hok, rep_row, R, out_row, O, cnt_row, PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr,
+                TABLE: tl.constexpr, HAS_COUNTS: tl.constexpr, HB: tl.constexpr, HL: tl.constexpr):
+    """The states 2 * (output count) + seen of the tokens ``hid`` [HB] (where ``hok``), as the
+    penalty table holds them (:func:`_pen_table`), by comparing them with every id of the row's
+    history (or every column of the cache's table): O(HB * L), for the few penalised tokens
+    among a row's candidates. Ids out of range never equal a token, so they count for nothing,
+    as in the table."""
+    lanes = tl.arange(0, HL)
+    h = tl.where(hok, hid, -1).to(tl.int64)[:, None]
+    hk = hok[:, None]
+    st = tl.zeros([HB], tl.int32)
+    if TABLE:
+        for i0 in range(0, R, HL):
+            i = i0 + lanes
+            t = tl.load(rep_row + i, mask=i < R, other=-1).to(tl.int64)
+            s = tl.load(cnt_row + i, mask=i < R, other=0).to(tl.int32)
+            st += tl.sum(tl.where(hk & (t[None, :] == h), s[None, :], 0), axis=1)
+    else:
+        if PEN_REP:
+            seen = tl.zeros([HB], tl.int32)
+            for i0 in range(0, R, HL):
+                i = i0 + lanes
+                t = tl.load(rep_row + i, mask=i < R, other=-1).to(tl.int64)
+                seen = tl.maximum(seen, tl.max((hk & (t[None, :] == h)).to(tl.int32), axis=1))
+            st += seen
+        if PEN_OUT:
+            for i0 in range(0, O, HL):
+                i = i0 + lanes
+                t = tl.load(out_row + i, mask=i < O, other=-1).to(tl.int64)
+                if HAS_COUNTS:
+                    w = tl.load(cnt_row + i, mask=i < O, other=0).to(tl.int32)
+                else:
+                    w = tl.full([HL], 1, tl.int32)
+                st += 2 * tl.sum(tl.where(hk & (t[None, :] == h), w[None, :], 0), axis=1)
+    return st
+
+
+@triton.jit(noinline=True)
+def _pen_table_full(pen_row, W, RS, x_row, rep_row, R, out_row, O, cnt_row, r, f, pp, V,
+                    PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, HAS_COUNTS: tl.constexpr,
+                    FAST: tl.constexpr, BL: tl.constexpr, BW: tl.constexpr):
+    """The whole penalty table of a row in the finish (CAND: the prep built only its bitmask),
+    for rows that need every token's penalised value: the exact pass, the fallback, or more
+    penalised candidates than :func:`_hit_states` should compare."""
+    _pen_table(pen_row, W, RS, x_row, rep_row, R, out_row, O, cnt_row, r, f, pp, V,
+               PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, False, FAST, BL, BW)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _cand_block(row, i, used, ids, v, th, x_row, pen_row, W, RS, T, Y, r, f, pp, V, L,
+                rep_row, R, out_row, O, cnt_row, cval_ptr, cw_ptr, built, store,
+                PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, HAS_COUNTS: tl.constexpr,
+                HAS_TEMP: tl.constexpr, FAST: tl.constexpr, FRL: tl.constexpr, BL: tl.constexpr,
+                BW: tl.constexpr, HLIM: tl.constexpr):
+    """:func:`_cand_penalties` on one block of slots ``i`` (``used``: in the list) held in
+    registers (token ids, values): returns the values with the penalised ones replaced (stored
+    back where ``store``, or where only memory had them) and whether the whole table got built."""
+    HB: tl.constexpr = 16 if FRL >= 64 else 4  # (the interpreter's small tiers: several groups)
+    HL: tl.constexpr = 256
+    word = tl.load(pen_row + (ids >> 5), mask=used, other=0)
+    hit = used & _bit(word, ids)
+    if TABLE:
+        # The cache's table: a penalised token's column is its rank (the prefix, written by the
+        # prep for words with set bits, loaded for the hits only: loaded beside every word, its
+        # random DRAM sectors cost more than the round trip), its state the table's own. No
+        # count of the hits first: loads masked off on every lane cost nothing.
+        pre = tl.load(pen_row + W + (ids >> 5), mask=hit, other=0)
+        st = tl.load(cnt_row + _rank(word, pre, ids, FAST), mask=hit, other=0)
+        y = tl.load(x_row + ids, mask=hit, other=0.0).to(tl.float32)
+        z = _penalise(y, st, r, f, pp, PEN_REP, PEN_OUT)
+        if HAS_TEMP:
+            z = _div(z, T, Y, FAST)
+        v = tl.where(hit, tl.where(z >= th, z, float("-inf")), v)
+        tl.store(cval_ptr + row + i, v, mask=hit & ((ids * 0 + store) != 0))
+    else:
+        nh = tl.sum(hit.to(tl.int32))
+        if nh > 0:
+            if (built == 0) & (nh * L > HLIM):
+                _pen_table_full(pen_row, W, RS, x_row, rep_row, R, out_row, O, cnt_row, r, f, pp, V,
+                                PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, FAST, BL, BW)
+                built = tl.full([], 1, tl.int32)
+            if built != 0:
+                zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
+                pre = tl.load(pen_row + W + (ids >> 5), mask=hit, other=0)
+                z = tl.load(zrow + _rank(word, pre, ids, FAST), mask=hit, other=0.0)
+                if HAS_TEMP:
+                    z = _div(z, T, Y, FAST)
+                v = tl.where(hit, tl.where(z >= th, z, float("-inf")), v)
+                tl.store(cval_ptr + row + i, v, mask=hit & ((ids * 0 + store) != 0))
+            else:
+                # the hits' (slot, token) packed into the row's weight slots (free until the
+                # candidates' exact work), then HB at a time; their values go to the row's list
+                # and come back to the hits' lanes
+                dst = tl.cumsum(hit.to(tl.int32), 0) - 1
+                tl.store(cw_ptr + row + dst, (i.to(tl.int64) << 32) | ids.to(tl.int64), mask=hit)
+                tl.debug_barrier()
+                hl = tl.arange(0, HB)
+                for g0 in range(0, nh, HB):
+                    j = g0 + hl
+                    hok = j < nh
+                    pk = tl.load(cw_ptr + row + j, mask=hok, other=0)
+                    hid = (pk & 0xFFFFFFFF).to(tl.int32)
+                    st = _hit_states(hid, hok, rep_row, R, out_row, O, cnt_row, PEN_REP, PEN_OUT, TABLE, HAS_COUNTS,
+                                     HB, HL)
+                    y = tl.load(x_row + hid, mask=hok, other=0.0).to(tl.float32)
+                    z = _penalise(y, st, r, f, pp, PEN_REP, PEN_OUT)
+                    if HAS_TEMP:
+                        z = _div(z, T, Y, FAST)
+                    tl.store(cval_ptr + row + (pk >> 32), tl.where(z >= th, z, float("-inf")), mask=hok)
+                tl.debug_barrier()
+                v = tl.where(hit, tl.load(cval_ptr + row + i, mask=hit, other=0.0), v)
+    return v, built
+
+
+@triton.jit
+def _cand_penalties(row, cnt, th, vl, xl, x_row, pen_row, W, RS, T, Y, r, f, pp, V,
+                    rep_row, R, out_row, O, cnt_row, cval_ptr, cidx_ptr, cw_ptr,
+                    PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, HAS_COUNTS: tl.constexpr,
+                    HAS_TEMP: tl.constexpr, FAST: tl.constexpr, FRL: tl.constexpr, BL: tl.constexpr,
+                    BW: tl.constexpr, HLIM: tl.constexpr):
+    """CAND: the penalties applied to a row's candidates (``cnt`` <= CAP slots; the first FRL
+    in registers: ``vl``, ``xl``). Returns (the first FRL values, penalised, the candidates
+    left, their max, whether the row's whole penalty table got built).
+
+    The scan read the logits without penalties, with a threshold theta from raw values, and the
+    penalties only lower values (the host checks it), so the candidates (raw z >= theta) hold
+    every token whose penalised z is >= theta. Each used slot whose token is set in the row's
+    bitmask gets its penalised value from its raw logit and its state, or -inf where that
+    falls below theta; the others are kept as they are. The states: the cache's table holds
+    them at the token's column (the bitmask word's prefix and its bits below the token: one
+    more load); for raw ids they come from :func:`_hit_states` (a handful of penalised
+    candidates per row), or from the whole table, built here when comparing would cost more
+    than HLIM compares (penalties on the very tokens the model favours). Slots past the first
+    FRL (rare) are read, penalised and stored back block by block.
+    """
+    L = R
+    if not TABLE:
+        L = (R if PEN_REP else 0) + (O if PEN_OUT else 0)
+    il = tl.arange(0, FRL)
+    built = tl.zeros([], tl.int32)
+    more = (cnt > FRL).to(tl.int32)
+    vl, built = _cand_block(row, il, il < cnt, xl, vl, th, x_row, pen_row, W, RS, T, Y, r, f, pp, V, L,
+                            rep_row, R, out_row, O, cnt_row, cval_ptr, cw_ptr, built, more,
+                            PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, HAS_TEMP, FAST, FRL, BL, BW, HLIM)
+    ok = (il < cnt) & (vl >= th)
+    ncov = tl.sum(ok.to(tl.int32))
+    mc = tl.max(tl.where(ok, vl, float("-inf")))
+    for c0 in range(FRL, cnt, FRL):
+        i = c0 + il
+        used = i < cnt
+        ids = tl.load(cidx_ptr + row + i, mask=used, other=0)
+        v = tl.load(cval_ptr + row + i, mask=used, other=float("-inf"))
+        v, built = _cand_block(row, i, used, ids, v, th, x_row, pen_row, W, RS, T, Y, r, f, pp, V, L,
+                               rep_row, R, out_row, O, cnt_row, cval_ptr, cw_ptr, built, more,
+                               PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, HAS_TEMP, FAST, FRL, BL, BW, HLIM)
+        ok = used & (v >= th)
+        ncov += tl.sum(ok.to(tl.int32))
+        mc = tl.maximum(mc, tl.max(tl.where(ok, v, float("-inf"))))
+    if more != 0:
+        tl.debug_barrier()
+    return vl, ncov, mc, built
+
+
+@triton.jit(noinline=True)
+def _row_stats(x_row, pen_row, W, T, Y, V, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
+               TILE: tl.constexpr):
+    """(a NaN or +inf among the penalised, tempered z: int32, the row's max z) over the full row,
+    as the masked scan's chunks flag and reduce them (:func:`_store_chunk_max`)."""
+    lanes = tl.arange(0, TILE)
+    bad = tl.zeros([TILE], tl.int32)
+    mx = tl.full([TILE], float("-inf"), tl.float32)
+    for s0 in range(0, V, TILE):
+        offs = s0 + lanes
+        mask = offs < V
+        x, z = _load_z(x_row, offs, mask, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
+        bad |= (mask & ((z != z) | (z == float("inf")))).to(tl.int32)
+        mx = tl.maximum(mx, tl.where(mask & (z == z), z, float("-inf")))
+    return tl.max(bad), tl.max(mx)
+
+
+@triton.jit
 def _finish_row(
     b, x_ptr, x_stride, V, C,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
     pen_ptr, W, RS,
+    rep_ptr, rep_stride, R, out_ptr, out_stride, O, cnt_ptr, cnt_stride, rp_ptr, fp_ptr, pp_ptr,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
     tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr,
-    MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
+    MODE: tl.constexpr, HAS_PEN: tl.constexpr, CAND: tl.constexpr, TABLE: tl.constexpr, PEN_REP: tl.constexpr,
+    PEN_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
     CP: tl.constexpr, FT: tl.constexpr, FRL: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr, TILE: tl.constexpr,
-    GAP: tl.constexpr,
+    GAP: tl.constexpr, BL: tl.constexpr, BW: tl.constexpr, HLIM: tl.constexpr,
 ):
     """Row b's outputs from its C chunks' statistics and its candidates (the finish kernel's
     program, and the last program of a row in the one-launch path). Rows whose candidates do not
     cover the survivors keep status 2 and take the exact fallback over the full row here (a
-    launch of its own cost ~2 us per call, for rows that almost never exist)."""
+    launch of its own cost ~2 us per call, for rows that almost never exist).
+
+    CAND (every row truncates, no row sums, penalties that only lower values): the scan read
+    the raw logits, so its chunk maxima and flags are the raw row's. The penalties go onto the
+    candidates (:func:`_cand_penalties`), and the row max is the largest of them (every token
+    whose penalised z is >= theta is one, so the max is among them when any is). Rows where
+    that does not settle it (raw NaN or +inf, which a penalty may or may not keep; no candidate
+    left; no pivot; too many candidates) get their whole penalty table here, the exact
+    statistics from a pass over the row (:func:`_row_stats`) and the exact fallback."""
     b64 = b.to(tl.int64)
     base = b64 * C
     greedy, k, p, mp, active_k, active_p, trunc = _row_flags(greedy_ptr, topk_ptr, topp_ptr, minp_ptr, b, V)
@@ -1615,7 +1824,6 @@ def _finish_row(
     cf = tl.load(cflag_ptr + base + cc, mask=cc < C, other=0)
     ok_row = (tl.max(cf & 1) == 0) & (tl.max((cf >> 1) & 1) == 1)
     m = tl.max(tl.load(cm_ptr + base + cc, mask=cc < C, other=float("-inf")))
-    m64 = m.to(tl.float64)
     x_row = x_ptr + b64 * x_stride
     pen_row = pen_ptr + b64 * RS
     T = tl.load(temp_ptr + b)
@@ -1629,6 +1837,41 @@ def _finish_row(
         m_r, roth = _lse_rows(crm_ptr, crs_ptr, base, C, CP)
         lse_raw = m_r.to(tl.float64) + _log1p(roth)
 
+    cnt = tl.zeros([], tl.int32)
+    il = tl.arange(0, FRL)
+    vl = tl.full([FRL], float("-inf"), tl.float32)
+    xl = tl.zeros([FRL], tl.int32)
+    if ANY_TRUNC:
+        cnt = tl.load(ncand_ptr + b)
+        # the low tier's slots, read together with the count
+        vl = tl.load(cval_ptr + b64 * CAP + il, mask=il < CAP, other=float("-inf"))
+        xl = tl.load(cidx_ptr + b64 * CAP + il, mask=il < CAP, other=0)
+    ncov = cnt
+    clean = tl.full([], 1, tl.int32)
+    built = tl.zeros([], tl.int32)
+    if CAND:
+        rep_row = rep_ptr + b64 * rep_stride
+        out_row = out_ptr + b64 * out_stride
+        cnt_row = cnt_ptr + b64 * cnt_stride
+        r = tl.load(rp_ptr + b)
+        f = tl.load(fp_ptr + b)
+        pp = tl.load(pp_ptr + b)
+        th = tl.load(theta_ptr + b)
+        clean = ((tl.max(cf & 1) == 0) & (th < float("inf")) & (cnt <= CAP)).to(tl.int32)
+        ncov = tl.zeros([], tl.int32)
+        if clean != 0:
+            vl, ncov, mc, built = _cand_penalties(
+                b64 * CAP, cnt, th, vl, xl, x_row, pen_row, W, RS, T, Y, r, f, pp, V, rep_row, R, out_row, O, cnt_row,
+                cval_ptr, cidx_ptr, cw_ptr, PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, HAS_TEMP, FAST, FRL, BL, BW, HLIM)
+            clean = (ncov >= 1).to(tl.int32)
+            m = mc
+        if clean == 0:
+            if built == 0:
+                _pen_table_full(pen_row, W, RS, x_row, rep_row, R, out_row, O, cnt_row, r, f, pp, V,
+                                PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, FAST, BL, BW)
+                built = tl.full([], 1, tl.int32)
+            bad, m = _row_stats(x_row, pen_row, W, T, Y, V, True, HAS_TEMP, FAST, TILE)
+            ok_row = (bad == 0) & (m > float("-inf"))
     status = tl.where(ok_row, 0, 1)
     tok = tl.full([], -1, tl.int32)
     lp = tl.full([], float("nan"), tl.float64)
@@ -1637,9 +1880,12 @@ def _finish_row(
     if ok_row:
         if trunc:
             if ANY_TRUNC:
-                status, tok, lp, tau, lse = _candidates_row(
-                    b, k, p, mp, active_k, active_p, m, lse_all, theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr,
-                    rowkey_ptr, CAP, NEED_S, FT, FRL, FR, NKP, GAP)
+                if clean != 0:
+                    status, tok, lp, tau, lse = _candidates_row(
+                        b, k, p, mp, active_k, active_p, m, lse_all, cnt, ncov, vl, xl, theta_ptr, cval_ptr,
+                        cidx_ptr, cw_ptr, rowkey_ptr, CAP, NEED_S, FT, FRL, FR, NKP, GAP)
+                else:
+                    status = tl.full([], 2, tl.int32)
         else:
             if ANY_PLAIN:
                 kc = tl.load(ckey_ptr + base + cc, mask=cc < C, other=float("-inf"))
@@ -1655,11 +1901,18 @@ def _finish_row(
                 lse = lse_all
                 lp = zt.to(tl.float64) - lse
             if MODE == 2:
-                xt, zt = _load_z(x_row, tok, tok >= 0, pen_row, W, T, Y, HAS_PEN, HAS_TEMP, FAST)
+                # (the raw logit only: CAND rows have no penalised values to look up)
+                xt, zt = _load_z(x_row, tok, tok >= 0, pen_row, W, T, Y, HAS_PEN and not CAND, HAS_TEMP, FAST)
                 lse = lse_raw
                 lp = xt.to(tl.float64) - lse
         if ANY_TRUNC:
             if status == 2:
+                if CAND:
+                    if built == 0:
+                        _pen_table_full(pen_row, W, RS, x_row, rep_ptr + b64 * rep_stride, R,
+                                        out_ptr + b64 * out_stride, O, cnt_ptr + b64 * cnt_stride,
+                                        tl.load(rp_ptr + b), tl.load(fp_ptr + b), tl.load(pp_ptr + b), V,
+                                        PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, FAST, BL, BW)
                 tok, lp, tau, lse = _fallback_row(
                     x_row, pen_row, W, T, Y, V, k, p, mp, active_k, active_p, m,
                     tl.load(rowkey_ptr + b).to(tl.uint32), lse_all, lse_raw, MODE, HAS_PEN, HAS_TEMP, FAST, TILE,
@@ -1671,26 +1924,30 @@ def _finish_row(
     tl.store(lse_ptr + b, lse)
 
 
-@triton.jit(do_not_specialize=["C", "ncand_ptr", "RS"])
+@triton.jit(do_not_specialize=["C", "ncand_ptr", "RS"] + _HIST)
 def _finish_kernel(
     x_ptr, x_stride, V, C,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
     pen_ptr, W, RS,
+    rep_ptr, rep_stride, R, out_ptr, out_stride, O, cnt_ptr, cnt_stride, rp_ptr, fp_ptr, pp_ptr,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
     tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr, call_ptr,
-    MODE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
+    MODE: tl.constexpr, HAS_PEN: tl.constexpr, CAND: tl.constexpr, TABLE: tl.constexpr, PEN_REP: tl.constexpr,
+    PEN_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
     ANY_PLAIN: tl.constexpr, ANY_TRUNC: tl.constexpr, NEED_S: tl.constexpr, NEED_RAW: tl.constexpr,
     CP: tl.constexpr, FT: tl.constexpr, FRL: tl.constexpr, FR: tl.constexpr, NKP: tl.constexpr, TILE: tl.constexpr,
-    GAP: tl.constexpr, PDL: tl.constexpr,
+    GAP: tl.constexpr, BL: tl.constexpr, BW: tl.constexpr, HLIM: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row per program (:func:`_finish_row`)."""
     _gdc_wait(PDL)
     b = tl.program_id(0)
     _finish_row(b, x_ptr, x_stride, V, C, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
-                pen_ptr, W, RS, cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
+                pen_ptr, W, RS, rep_ptr, rep_stride, R, out_ptr, out_stride, O, cnt_ptr, cnt_stride, rp_ptr, fp_ptr,
+                pp_ptr, cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
                 theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP, tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr,
-                MODE, HAS_PEN, HAS_TEMP, FAST, ANY_PLAIN, ANY_TRUNC, NEED_S, NEED_RAW, CP, FT, FRL, FR, NKP, TILE, GAP)
+                MODE, HAS_PEN, CAND, TABLE, PEN_REP, PEN_OUT, HAS_COUNTS, HAS_TEMP, FAST, ANY_PLAIN, ANY_TRUNC, NEED_S,
+                NEED_RAW, CP, FT, FRL, FR, NKP, TILE, GAP, BL, BW, HLIM)
     if b == 0:
         # The device call counter advances inside the call, so CUDA-graph replays advance it.
         tl.atomic_add(call_ptr, 1)
@@ -1809,10 +2066,11 @@ def _small_kernel(
             if b == 0:  # (read early: its latency overlaps the finish's)
                 got = tl.atomic_add(ticket, 0, sem="acquire")
             _finish_row(b, x_ptr, x_stride, V, C, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
-                        x_ptr, 0, 0, cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
+                        x_ptr, 0, 0, x_ptr, 0, 0, x_ptr, 0, 0, x_ptr, 0, temp_ptr, temp_ptr, temp_ptr,
+                        cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
                         theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP, tok_ptr, lp_ptr, status_ptr, tau_ptr,
-                        lse_ptr, MODE, False, HAS_TEMP, FAST, False, True, NEED_S, NEED_RAW, CP, FT, FRL, FR, NKP,
-                        TILE, GAP)
+                        lse_ptr, MODE, False, False, False, False, False, False, HAS_TEMP, FAST, False, True, NEED_S,
+                        NEED_RAW, CP, FT, FRL, FR, NKP, TILE, GAP, 32, 32, 0)
             # every program of the row has read its keys and flag: empty them for the next call
             tl.store(keys_row + cc, 0, mask=cc < C)
             tl.store(flag, 0)
