@@ -30,6 +30,13 @@ chained by programmatic dependent launch: :func:`_gdc_wait`, :func:`_gdc_done`):
     more candidates than slots) take the exact fallback in the same program: a radix select over
     the full row (16 bins a pass), then one sampling pass. The choice of path depends only on
     the data, never on timing, so identical calls give identical bits.
+
+Batches whose rows all truncate, with "sampling" log-probabilities, no top-n and penalties that
+only lower values (``launch.Config.cand``) take the penalties off the scan: the prep builds the
+bitmask alone (and, from the request cache, each word's first column), the pivot and the scan
+read the raw logits, and the finish penalises the candidates (:func:`_cand_penalties`). The raw
+candidates hold every token whose penalised value passes the threshold, so the result is the
+same, bit for bit (bench/NOTES.md, v27).
 """
 
 from __future__ import annotations
