@@ -367,10 +367,10 @@ def run(step):
     nprog = pps * sms
     pdl = _pdl(dev, cfg)
     chunks, chunk_len = _chunking(rows, vocab, cfg, nprog) if small is None else small
-    # With penalties the scan's chunks mask the penalised tokens, and cfg.pen_items more items
-    # per row take the penalty table's slots (pipeline._pen_chunk). A constant (the chunks
-    # depend on the batch size alone): a growing history changes no workspace shape and no
-    # kernel variant.
+    # With penalties (unless the finish penalises the candidates: cand) the scan's chunks mask
+    # the penalised tokens, and cfg.pen_items more items per row take the penalty table's slots
+    # (pipeline._pen_chunk). A constant (the chunks depend on the batch size alone): a growing
+    # history changes no workspace shape and no kernel variant.
     slots = (R if table else R + O) if pen and not cand else 0
     pen_items = cfg.pen_items if pen and not cand else 0
     span = triton.cdiv(triton.cdiv(slots, max(pen_items, 1)), cfg.tile) * cfg.tile
@@ -455,7 +455,8 @@ def run(step):
             ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],
             *hist, *seeds, ws["ythr"], ws["ncand"], ws["pc"], ws["cval"], ws["cidx"], cfg.cap,
             PREP=prep, **hflags,
-            HAS_PEN=pen and not cand, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel, ANY_TRUNC=any_trunc,
+            HAS_PEN=pen and not cand, HAS_TEMP=has_temp, FAST=fast, ANY_PLAIN=any_plain, ANY_GUMBEL=any_gumbel,
+            ANY_TRUNC=any_trunc,
             NEED_S=need_s, NEED_RAW=need_raw, TILE=cfg.tile, VEC=_vec(x, cfg.tile),
             D=cfg.emit_depth, TABLE=table, NS=cfg.scan_stages, PDL=pdl, launch_pdl=pdl, num_warps=cfg.scan_warps, enable_fp_fusion=False,
             # every persistent program must be resident at once: cap the registers so that

@@ -1850,9 +1850,11 @@ def _finish_row(
     xl = tl.zeros([FRL], tl.int32)
     if ANY_TRUNC:
         cnt = tl.load(ncand_ptr + b)
-        # the low tier's slots, read together with the count
-        vl = tl.load(cval_ptr + b64 * CAP + il, mask=il < CAP, other=float("-inf"))
-        xl = tl.load(cidx_ptr + b64 * CAP + il, mask=il < CAP, other=0)
+        # the low tier's slots, read together with the count (rows that do not truncate, in
+        # mixed batches, read none)
+        nl = tl.where(trunc, CAP, 0)
+        vl = tl.load(cval_ptr + b64 * CAP + il, mask=il < nl, other=float("-inf"))
+        xl = tl.load(cidx_ptr + b64 * CAP + il, mask=il < nl, other=0)
     ncov = cnt
     clean = tl.full([], 1, tl.int32)
     built = tl.zeros([], tl.int32)
@@ -1916,9 +1918,7 @@ def _finish_row(
             if status == 2:
                 if CAND:
                     if built == 0:
-                        _pen_table_full(pen_row, W, RS, x_row, rep_ptr + b64 * rep_stride, R,
-                                        out_ptr + b64 * out_stride, O, cnt_ptr + b64 * cnt_stride,
-                                        tl.load(rp_ptr + b), tl.load(fp_ptr + b), tl.load(pp_ptr + b), V,
+                        _pen_table_full(pen_row, W, RS, x_row, rep_row, R, out_row, O, cnt_row, r, f, pp, V,
                                         PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, FAST, BL, BW)
                 tok, lp, tau, lse = _fallback_row(
                     x_row, pen_row, W, T, Y, V, k, p, mp, active_k, active_p, m,
