@@ -1676,16 +1676,22 @@ def _cand_block(row, i, used, ids, v, th, x_row, pen_row, W, RS, T, Y, r, f, pp,
     back where ``store``, or where only memory had them) and whether the whole table got built."""
     HB: tl.constexpr = 16 if FRL >= 64 else 4  # (the interpreter's small tiers: several groups)
     HL: tl.constexpr = 256
-    word = tl.load(pen_row + (ids >> 5), mask=used, other=0)
+    # Unmasked (unused slots read word 0): masked, each of a thread's words needed its own
+    # predicate and zeroed register, and ptxas issued them one DRAM round trip after another
+    # (bench/NOTES.md, v28; the same as _ids).
+    word = tl.load(pen_row + (tl.where(used, ids, 0) >> 5))
     hit = used & _bit(word, ids)
     if TABLE:
         # The cache's table: a penalised token's column is its rank (the prefix, written by the
         # prep for words with set bits, loaded for the hits only: loaded beside every word, its
         # random DRAM sectors cost more than the round trip), its state the table's own. No
-        # count of the hits first: loads masked off on every lane cost nothing.
+        # count of the hits first: loads masked off on every lane cost nothing. (Unmasked, the
+        # lanes without a hit reading the row's first prefix, state and logit: the same time,
+        # v28.)
         pre = tl.load(pen_row + W + (ids >> 5), mask=hit, other=0)
         st = tl.load(cnt_row + _rank(word, pre, ids, FAST), mask=hit, other=0)
-        y = tl.load(x_row + ids, mask=hit, other=0.0).to(tl.float32)
+        # (1.0 off the hits: a zero would send those lanes to the divisions' slow paths)
+        y = tl.load(x_row + ids, mask=hit, other=1.0).to(tl.float32)
         z = _penalise(y, st, r, f, pp, PEN_REP, PEN_OUT)
         if HAS_TEMP:
             z = _div(z, T, Y, FAST)
@@ -1701,7 +1707,7 @@ def _cand_block(row, i, used, ids, v, th, x_row, pen_row, W, RS, T, Y, r, f, pp,
             if built != 0:
                 zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
                 pre = tl.load(pen_row + W + (ids >> 5), mask=hit, other=0)
-                z = tl.load(zrow + _rank(word, pre, ids, FAST), mask=hit, other=0.0)
+                z = tl.load(zrow + _rank(word, pre, ids, FAST), mask=hit, other=1.0)
                 if HAS_TEMP:
                     z = _div(z, T, Y, FAST)
                 v = tl.where(hit, tl.where(z >= th, z, float("-inf")), v)
@@ -1721,7 +1727,7 @@ def _cand_block(row, i, used, ids, v, th, x_row, pen_row, W, RS, T, Y, r, f, pp,
                     hid = (pk & 0xFFFFFFFF).to(tl.int32)
                     st = _hit_states(hid, hok, rep_row, R, out_row, O, cnt_row, PEN_REP, PEN_OUT, TABLE, HAS_COUNTS,
                                      HB, HL)
-                    y = tl.load(x_row + hid, mask=hok, other=0.0).to(tl.float32)
+                    y = tl.load(x_row + hid, mask=hok, other=1.0).to(tl.float32)
                     z = _penalise(y, st, r, f, pp, PEN_REP, PEN_OUT)
                     if HAS_TEMP:
                         z = _div(z, T, Y, FAST)
