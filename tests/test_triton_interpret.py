@@ -649,6 +649,87 @@ def test_penalties_on_the_candidates_match_the_masked_scan(monkeypatch, cached):
     assert_same(ours, ref)
 
 
+def test_cache_decode_with_several_new_tokens_matches_the_stateless_path():
+    # A decode step whose output_ids bring three new tokens per row: the cache adds the first
+    # two itself and hands the last to the prep as a column of its [B, 3] tensor, a strided
+    # view (read as if contiguous, each row got another row's token).
+    rows, vocab = 4, 120
+    rng = np.random.default_rng(83)
+    x = torch.from_numpy(logits(rows, vocab, seed=83))
+    param = SamplingParam.from_numpy(frequency_penalty=np.array([0.5, 1.0, 2.0, 0.3]), top_k=np.full(rows, 8),
+                                     seed=np.arange(rows) + 2)
+    prompt, out = rng.integers(0, vocab, (rows, 20)), rng.integers(0, vocab, (rows, 4))
+    new = np.argsort(-x.numpy(), 1)[:, :3]  # (the rows' favourites: their penalties decide)
+    rids = np.arange(rows) + 5
+    cached = Sampler(backend="triton", seed=1)
+    cached(x, SamplingData.from_numpy(all_input_ids=np.concatenate([prompt, out], 1), output_ids=out, request_ids=rids,
+                                      is_prefill=True), param)
+    out = np.concatenate([out, new], 1)
+    got = cached(x, SamplingData.from_numpy(output_ids=out, request_ids=rids, is_prefill=False), param)
+    want = Sampler(backend="triton", seed=1)(x, SamplingData.from_numpy(all_input_ids=np.concatenate([prompt, out], 1),
+                                                                        output_ids=out), param)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_cached_candidate_penalties_over_every_kind_of_decode_step(monkeypatch):
+    # The candidate path from the request cache's table (the prep's bitmask and word prefix of
+    # the table, the finish's lookups) after each kind of table change. Each step adds the
+    # rows' raw favourites, so an id lost from the table or the bitmask would leave its penalty
+    # out: decode steps whose pending token the prep adds (given, or the one sampled before),
+    # several tokens at once (the cache adds all but the last itself), and a reordered batch
+    # (a new table) all match the stateless path bit for bit, and the reference.
+    launch = _launch()
+    rows, vocab = 4, 300
+    rng = np.random.default_rng(81)
+    arrays = dict(
+        repetition_penalty=np.array([1.5, 1.2, 2.0, 1.1]), frequency_penalty=np.array([0.5, 1.0, 0.0, 2.0]),
+        presence_penalty=np.array([0.5, 0.0, 1.0, 0.3]), temperature=np.array([0.8, 1.0, 1.2, 0.6]),
+        top_k=np.array([10, 20, 5, 30]), top_p=np.array([0.9, 1.0, 0.8, 1.0]), seed=np.arange(rows) + 1,
+    )
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    rids = np.arange(rows) + 10
+    cached, stateless = Sampler(backend="triton", seed=7), Sampler(backend="triton", seed=7)
+    x = logits(rows, vocab, seed=80)
+    fav = np.argsort(-x, 1)
+    prompt = rng.integers(0, vocab, (rows, 30))
+    out = rng.integers(0, vocab, (rows, 5))
+    order = np.arange(rows)
+    last = None
+    steps = ["prefill", "given", "sampled", "several", "reordered", "given"]
+    for step, kind in enumerate(steps):
+        if kind == "sampled":
+            out = np.concatenate([out, last[:, None]], 1)
+        elif kind == "several":
+            out = np.concatenate([out, fav[:, 1:4]], 1)
+        elif kind != "prefill":
+            out = np.concatenate([out, fav[:, step : step + 1]], 1)
+        if kind == "reordered":
+            order = np.array([2, 0, 3, 1])
+        hist = np.concatenate([prompt, out], 1)[order]
+        param = SamplingParam.from_numpy(**{k: v[order] for k, v in arrays.items()})
+        full = SamplingData.from_numpy(all_input_ids=hist, output_ids=out[order])
+        if kind == "prefill":
+            data = SamplingData.from_numpy(all_input_ids=hist, output_ids=out[order], request_ids=rids[order],
+                                           is_prefill=True)
+        elif kind == "sampled":
+            data = SamplingData.from_numpy(request_ids=rids[order], is_prefill=False)
+        else:
+            data = SamplingData.from_numpy(output_ids=out[order], request_ids=rids[order], is_prefill=False)
+        xs = torch.from_numpy(x[order])
+        got = cached(xs, data, param)
+        assert debug["cand"], kind
+        want = stateless(xs, full, param)
+        ref = reference.sample(x[order], param.arrays, rep_ids=hist, out_ids=out[order], sampler_seed=7, call=step)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), kind
+        assert_same(got, ref)
+        last = np.empty(rows, np.int64)
+        last[order] = got[1].numpy()
+        x = x + logits(rows, vocab, scale=0.1, seed=82 + step)
+
+
 @pytest.mark.parametrize("sample", [64, 256])
 def test_prefetched_penalty_lookups_match_reference(sample):
     # the scan's pipelined bitmask / penalised-value loads (two and one tiles ahead) must see

@@ -426,7 +426,8 @@ def run(step):
                                             maxnreg=_regs(cfg.small_per_sm * cfg.small_warps), **kw)
     else:
         # the prep adds the cache's pending tokens to its table (Step.table_new), so it runs
-        new = step.table_new if table else None
+        # (the pending tokens may be a strided view: the last column of the cache's new tokens)
+        new = step.table_new.contiguous() if table and step.table_new is not None else None
         prep = pen or any_trunc or new is not None
         if prep:
             K._prep_kernel[(rows,)](
