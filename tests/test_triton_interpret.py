@@ -672,6 +672,23 @@ def test_cache_decode_with_several_new_tokens_matches_the_stateless_path():
         assert torch.equal(g, w)
 
 
+def test_strided_parameter_tensors_are_read_per_row():
+    # Per-row parameter tensors that are views with a stride (here what a user's to_tensor
+    # returned: a column of a [B, 2] tensor) are read row by row, as contiguous ones are.
+    rows, vocab = 4, 64
+    x = torch.from_numpy(logits(rows, vocab, seed=84))
+    arrays = dict(temperature=np.array([0.5, 1.0, 2.0, 0.7]), top_k=np.array([5, 10, 3, 8]),
+                  frequency_penalty=np.array([0.5, 0.0, 1.0, 0.2]), seed=np.arange(rows) + 1)
+    view = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack([a, a[::-1]], 1)))[:, 0]  # noqa: E731
+    strided = SamplingParam.from_numpy(**arrays, to_tensor=view)
+    assert strided.tensors["temperature"].stride() == (2,)
+    data = SamplingData.from_numpy(output_ids=np.array([[1, 2], [3, 3], [5, -1], [7, 8]]))
+    got = Sampler(backend="triton", seed=1)(x, data, strided)
+    want = Sampler(backend="triton", seed=1)(x, data, SamplingParam.from_numpy(**arrays))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 def test_cached_candidate_penalties_over_every_kind_of_decode_step(monkeypatch):
     # The candidate path from the request cache's table (the prep's bitmask and word prefix of
     # the table, the finish's lookups) after each kind of table change. Each step adds the

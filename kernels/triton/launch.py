@@ -298,6 +298,12 @@ def _ids(t, rows):
     return t, t.stride(0), t.shape[1]
 
 
+def _per_row(t):
+    """A [B] per-row tensor as the kernels read it, row b's value at element b: a strided view
+    (a column of a [B, n] tensor, what a user's ``to_tensor`` returned) is copied."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def run(step):
     """The whole pipeline for one :class:`sampling.step.Step` of torch tensors.
 
@@ -311,7 +317,7 @@ def run(step):
     rows, vocab = x.shape
     dev = x.device
     host = step.host.arrays
-    prm = step.params
+    prm = {name: _per_row(t) for name, t in step.params.items()}
     greedy = host["greedy"]
     k = host["top_k"]
     active_k = (k > 0) & (k < vocab)
@@ -380,7 +386,7 @@ def run(step):
     ws = _workspace(step.state, dev, rows, chunks, stats, cfg, any_trunc, scan=small is None)
     counter = _call_counter(step.state, dev, step.call)
     dummy = ws["status"]
-    positions = step.positions
+    positions = _per_row(step.positions)
     seed = int(step.sampler_seed)
     words = triton.cdiv(vocab, 32)
     # the penalty table, per row: bitmask, its word prefix, R + O value, state and id slots, or R
@@ -426,8 +432,7 @@ def run(step):
                                             maxnreg=_regs(cfg.small_per_sm * cfg.small_warps), **kw)
     else:
         # the prep adds the cache's pending tokens to its table (Step.table_new), so it runs
-        # (the pending tokens may be a strided view: the last column of the cache's new tokens)
-        new = step.table_new.contiguous() if table and step.table_new is not None else None
+        new = _per_row(step.table_new) if table else None
         prep = pen or any_trunc or new is not None
         if prep:
             K._prep_kernel[(rows,)](
