@@ -99,6 +99,9 @@ class _Table:
     bound: np.ndarray
     #: The tokens this sampler returned for these rows at the last call (None before it).
     last: Any = None
+    #: What a backend derives from the table and keeps with it (``Step.table_aux``); emptied
+    #: whenever the cache changes the table itself (a new table has a new one).
+    aux: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def width(self) -> int:
@@ -372,6 +375,7 @@ class RequestCache:
 
         The row stays sorted: a known id is at column ``rank`` (the number of smaller ids); a new
         one is inserted there, the larger ids moving one column right (the width leaves room)."""
+        table.aux.clear()
         ok = (tok >= 0) & (tok < vocab)
         t = tok[:, None]
         ids, flags = table.ids, table.flags

@@ -145,6 +145,7 @@ class Sampler:
             table_ids=history.table_ids,
             table_flags=history.table_flags,
             table_new=history.table_new,
+            table_aux=None if history.table_ids is None else history.table.aux,
             sampler_seed=self.seed,
             call=self.calls,
             logprobs_mode=self.logprobs_mode,

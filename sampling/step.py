@@ -29,6 +29,9 @@ class Step:
     ``table_new`` [B] int64 (or None) is one output token per row (-1: none) that the backend
     adds to the table (in place, before reading it) by the rule of the cache's ``_append``:
     count it and mark it seen, insert a new id at its rank, advance ``positions``.
+    ``table_aux`` is a dict kept with the table, for what a backend derives from it and keeps
+    up to date itself (the Triton backend's bitmask of each row's ids): it lasts while only the
+    backend changes the table; the cache empties it whenever it changes the table itself.
     """
 
     logits: Any
@@ -41,6 +44,7 @@ class Step:
     table_ids: Optional[Any] = None
     table_flags: Optional[Any] = None
     table_new: Optional[Any] = None
+    table_aux: Optional[Dict[str, Any]] = None
     #: The sampler's own seed and call counter, for rows without a seed.
     sampler_seed: int = 0
     call: int = 0

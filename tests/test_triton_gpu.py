@@ -616,3 +616,91 @@ def test_penalties_on_the_candidates_are_bit_identical_to_the_masked_scan(cached
         ref = ref_sample(xt.cpu().numpy(), param, SamplingData.from_numpy(all_input_ids=hist, output_ids=out))
         check_agreement(xt.cpu().numpy(), param, got, ref, SamplingData.from_numpy(all_input_ids=hist, output_ids=out))
         out = np.concatenate([out, got[1].cpu().numpy()[:, None]], axis=1)
+
+
+@pytest.mark.skipif(NO_CACHE, reason="graph capture needs PyTorch's caching allocator")
+def test_cached_rows_filled_by_graph_replays_keep_their_table_and_bitmask(monkeypatch):
+    """Decode steps from the request cache captured in a CUDA graph (four calls, each adding the
+    tokens of the call before, on the device only) and replayed until every row's table of 64
+    columns is full and drops its largest ids, which the host never sees. After each replay the
+    table, the positions and the bitmask kept with the table (pipeline._table_aux_build) follow
+    the cache's rule exactly; each call of the last replay gives the tokens and log-probabilities
+    of the stateless path over the same state, bit for bit."""
+    from sampling.kernels.triton import launch
+    from sampling.step import Step
+
+    rows, calls, width = (8 if SMALL else 64), 4, 64
+    words = -(-V // 32)
+    groups = -(-words // 8)
+    rng = np.random.default_rng(30)
+    # (parameters already on the GPU: a host array would be copied inside the capture)
+    param = SamplingParam.from_numpy(
+        temperature=np.full(rows, 0.7), top_k=np.full(rows, 50), top_p=np.full(rows, 0.9), min_p=np.full(rows, 0.05),
+        repetition_penalty=np.full(rows, 1.1), frequency_penalty=np.full(rows, 0.2),
+        presence_penalty=np.full(rows, 0.3), seed=rng.integers(0, 2**62, rows), to_tensor=cuda,
+    )
+    hist = np.stack([rng.choice(V, 58, replace=False) for _ in range(rows)])
+    rids = np.arange(rows) + 300
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    s = Sampler(backend="triton", seed=9)
+    bufs = [randn_logits(rows, seed=31 + j) for j in range(calls)]
+    decode = SamplingData.from_numpy(request_ids=rids, is_prefill=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        s(bufs[0], SamplingData.from_numpy(all_input_ids=hist, output_ids=hist[:, 40:], request_ids=rids,
+                                           is_prefill=True), param)
+        eager = s(bufs[0], decode, param)[1]
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert debug["cand"]
+    table = s.cache.table
+    assert table.width == width
+    ids, flags, pos = table.ids.cpu().numpy(), table.flags.cpu().numpy(), table.positions.cpu().numpy()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [s(bufs[j], decode, param) for j in range(calls)]
+    assert s.cache.table is table  # (the host's bound still fits: no new table)
+    tensors = {k: cuda(v) for k, v in param.arrays.items()}
+    drops = 0
+    for replay in range(12):
+        xs = [randn_logits(rows, seed=1000 * replay + j) for j in range(calls)]
+        for b, x in zip(bufs, xs):
+            b.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        pending = eager.cpu().numpy()
+        for j in range(calls):
+            for b in range(rows):
+                t = int(pending[b])
+                drops += int(ids[b, -1] >= 0 and ids[b, -1] > t and t not in ids[b])
+                rank = int(((ids[b] >= 0) & (ids[b] < t)).sum())
+                if rank < width and ids[b, rank] == t:
+                    flags[b, rank] = (flags[b, rank] | 1) + 2
+                elif rank < width:
+                    ids[b, rank + 1:], flags[b, rank + 1:] = ids[b, rank:-1].copy(), flags[b, rank:-1].copy()
+                    ids[b, rank], flags[b, rank] = t, 3
+                pos[b] += 1
+            if replay == 11:
+                # the stateless path over the state this call saw
+                step = Step(logits=xs[j], params=tensors, host=param, rep_ids=cuda(np.where(flags & 1, ids, -1)),
+                            out_ids=cuda(ids), out_counts=cuda(flags >> 1), positions=cuda(pos), sampler_seed=9)
+                want = launch.run(step)
+                assert debug["cand"]
+                for g, w in zip(outs[j][:2], want[:2]):
+                    assert torch.equal(g, w), j
+            pending = outs[j][1].cpu().numpy()
+        np.testing.assert_array_equal(table.ids.cpu().numpy(), ids)
+        np.testing.assert_array_equal(table.flags.cpu().numpy(), flags)
+        np.testing.assert_array_equal(table.positions.cpu().numpy(), pos)
+        bits = np.zeros((rows, words), np.int64)
+        counts = np.zeros((rows, groups + 1), np.int64)
+        for b in range(rows):
+            row = ids[b][ids[b] >= 0]
+            np.bitwise_or.at(bits[b], row >> 5, 1 << (row & 31))
+            counts[b] = np.append(np.searchsorted(row, 256 * np.arange(groups)), len(row))
+        aux = table.aux["triton_aux"].cpu().numpy()
+        np.testing.assert_array_equal(aux[:, :words].astype(np.int64) & 0xFFFFFFFF, bits)
+        np.testing.assert_array_equal(aux[:, words:], counts)
+    assert (ids >= 0).all() and drops > rows  # (every row full, and dropping ids)

@@ -747,6 +747,104 @@ def test_cached_candidate_penalties_over_every_kind_of_decode_step(monkeypatch):
         x = x + logits(rows, vocab, scale=0.1, seed=82 + step)
 
 
+def _table_insert(ids, flags, tok):
+    """The cache's rule for one added token on a numpy table row (in place): a known id counts
+    again, a new one goes in at its rank, a full row dropping its largest id."""
+    rank = int(((ids >= 0) & (ids < tok)).sum())
+    if rank < len(ids) and ids[rank] == tok:
+        flags[rank] = (flags[rank] | 1) + 2
+    elif rank < len(ids):
+        ids[rank + 1:], flags[rank + 1:] = ids[rank:-1].copy(), flags[rank:-1].copy()
+        ids[rank], flags[rank] = tok, 3
+
+
+def test_table_bitmask_kept_across_calls_follows_every_insertion(monkeypatch):
+    # With the cache's table on the candidate path the bitmask of each row's ids and the counts
+    # of its groups of 256 ids are kept with the table across calls; each call adds the pending
+    # tokens and keeps them (pipeline._table_add). Driven through launch.run with the table given
+    # directly, so that a full row (which the cache only reaches in CUDA-graph replays) drops
+    # its largest id. Every call: the table and positions as by the cache's rule, the kept
+    # bitmask and counts equal to ones built afresh, the tokens and log-probabilities equal to
+    # a call that builds them afresh, and to the reference over the same state. A call off the
+    # candidate path (top-n) that adds a token drops them, and the next call builds them again.
+    launch = _launch()
+    debug = {}
+    monkeypatch.setattr(launch, "DEBUG", debug)
+    rows, vocab, R = 3, 1100, 48  # 35 words: 5 groups of 8 words (the last one short)
+    words = -(-vocab // 32)
+    G = -(-words // 8)
+    rng = np.random.default_rng(90)
+    ids = np.full((rows, R), -1, np.int64)
+    flags = np.zeros((rows, R), np.int32)
+    pool = np.setdiff1d(np.arange(1, vocab - 1), [256])
+    for b, n in enumerate([40, 44, R]):  # (row 2 is full, and holds 256: the first id of a group)
+        row = rng.choice(pool, n, replace=False)
+        if b == 2:
+            row[0] = 256
+        ids[b, :n] = np.sort(row)
+        flags[b, :n] = 2 * rng.integers(0, 3, n) + rng.integers(0, 2, n)
+    pos = np.array([7, 0, 2**33], np.int64)
+    steps = [  # the tokens added per call (-1: none)
+        [0, 255, 1099],  # the front; the last of a group; larger than all of a full row: dropped
+        [256, 511, 3],  # a group's first id; the full row drops its largest id
+        [ids[0, 3], 512, ids[2, 20]],  # known ids; a group boundary
+        [-1, ids[1, -1] + 1 if ids[1, 43] < vocab - 1 else 1, 1098],
+        [700, 701, 699],  # (top-n: off the candidate path)
+        [1099, 702, 0],
+        [ids[0, 0], 5, 640],
+    ]
+    param = SamplingParam.from_numpy(
+        repetition_penalty=np.array([1.3, 1.6, 1.1]), frequency_penalty=np.array([0.5, 1.0, 2.0]),
+        presence_penalty=np.array([0.3, 0.0, 0.7]), temperature=np.array([0.8, 1.0, 1.2]),
+        top_k=np.array([40, 60, 25]), top_p=np.array([0.95, 1.0, 0.9]), seed=np.array([4, 5, 6]),
+    )
+    tensors = {k: torch.from_numpy(v) for k, v in param.arrays.items()}
+    t_ids, t_flags, t_pos = torch.from_numpy(ids.copy()), torch.from_numpy(flags.copy()), torch.from_numpy(pos.copy())
+    aux = {}
+    kept = None
+    for call, toks in enumerate(steps):
+        x = logits(rows, vocab, seed=91 + call)
+        # the rows' favourite tokens carry penalties: their lookups decide the rows' tokens
+        x[np.arange(rows)[:, None], np.where(ids >= 0, ids, 0)[:, :12]] += 8.0
+        topn = call == 4
+        for b, t in enumerate(toks):
+            if t >= 0:
+                _table_insert(ids[b], flags[b], t)
+                pos[b] += 1
+        run = dict(logits=torch.from_numpy(x), params=tensors, host=param, sampler_seed=1, call=call,
+                   raise_invalid=True, num_logprobs=3 if topn else 0)
+        got = launch.run(Step(table_ids=t_ids, table_flags=t_flags, positions=t_pos,
+                              table_new=torch.tensor(toks, dtype=torch.int64), table_aux=aux, **run))
+        np.testing.assert_array_equal(t_ids.numpy(), ids)
+        np.testing.assert_array_equal(t_flags.numpy(), flags)
+        np.testing.assert_array_equal(t_pos.numpy(), pos)
+        assert debug["cand"] == (not topn)
+        if topn:
+            assert "triton_aux" not in aux
+            kept = None
+            continue
+        if kept is not None:
+            assert aux["triton_aux"] is kept  # (kept, not built again)
+        kept = aux["triton_aux"]
+        bits = np.zeros((rows, words), np.int64)
+        counts = np.zeros((rows, G + 1), np.int64)
+        for b in range(rows):
+            row = ids[b][ids[b] >= 0]
+            np.bitwise_or.at(bits[b], row >> 5, 1 << (row & 31))
+            counts[b] = [(row < 256 * g).sum() for g in range(G)] + [len(row)]
+        np.testing.assert_array_equal(kept[:, :words].numpy().astype(np.int64) & 0xFFFFFFFF, bits)
+        np.testing.assert_array_equal(kept[:, words:].numpy(), counts)
+        # the same state with the bitmask built afresh (no pending token)
+        fresh = launch.run(Step(table_ids=t_ids.clone(), table_flags=t_flags.clone(), positions=t_pos.clone(),
+                                table_aux={}, **run))
+        for g, w in zip(got[:2], fresh[:2]):
+            assert torch.equal(g, w), call
+        seen = np.where(flags & 1, ids, -1)
+        ref = reference.sample(x, param.arrays, rep_ids=seen, out_ids=ids, out_counts=flags >> 1, pos=pos,
+                               sampler_seed=1, call=call)
+        assert_same(got, ref)
+
+
 @pytest.mark.parametrize("sample", [64, 256])
 def test_prefetched_penalty_lookups_match_reference(sample):
     # the scan's pipelined bitmask / penalised-value loads (two and one tiles ahead) must see

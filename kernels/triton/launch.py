@@ -434,6 +434,20 @@ def run(step):
         # the prep adds the cache's pending tokens to its table (Step.table_new), so it runs
         new = _per_row(step.table_new) if table else None
         prep = pen or any_trunc or new is not None
+        # With the cache's table and the penalties on the candidates, the bitmask of each row's
+        # ids (and its groups' counts) is kept with the table (Step.table_aux) across calls: the
+        # prep builds it for a table it has not seen, then keeps it as it adds the pending tokens
+        # (pipeline._table_aux_build). A call that adds them without keeping it drops it.
+        aux, aux_w, kept = pen_tab, 0, False
+        if table and step.table_aux is not None:
+            if cand:
+                aux_w = words + triton.cdiv(words, 8) + 1
+                aux = step.table_aux.get("triton_aux")
+                kept = aux is not None and tuple(aux.shape) == (rows, aux_w) and aux.device == dev
+                if not kept:
+                    aux = step.table_aux["triton_aux"] = torch.empty((rows, aux_w), dtype=torch.int32, device=dev)
+            elif new is not None:
+                step.table_aux.pop("triton_aux", None)
         if prep:
             K._prep_kernel[(rows,)](
                 x, x.stride(0), vocab, words,
@@ -441,13 +455,13 @@ def run(step):
                 *hist,
                 P["repetition_penalty"], P["frequency_penalty"], P["presence_penalty"],
                 *seeds,
-                pen_tab, rs,
+                pen_tab, rs, aux, aux_w,
                 ws["rowkey"], ws["ncand"], new if new is not None else dummy,
                 *common, ws["theta"], ws["ythr"], cfg.cap,
                 HAS_REP=rep is not None, PEN_REP=pen_rep, PEN_OUT=pen_out, TABLE=table, HAS_NEW=new is not None,
                 **hflags,
-                PIVOT=any_trunc, CAND=cand, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample, J0=cfg.pivot_j0,
-                BL=cfg.prep_block, BW=cfg.prep_words,
+                PIVOT=any_trunc, CAND=cand, AUX=aux_w > 0, KEPT=kept, HAS_TEMP=has_temp, FAST=fast, NS=cfg.sample,
+                J0=cfg.pivot_j0, BL=cfg.prep_block, BW=cfg.prep_words,
                 PDL=pdl, launch_pdl=pdl, num_warps=cfg.prep_warps, enable_fp_fusion=False,
                 # prep_programs_per_sm programs per SM (2: B = 256 on 132 SMs in one wave); uncapped,
                 # Triton 3.6 gave the penalised prep 161 registers, one program per SM
@@ -473,7 +487,7 @@ def run(step):
         K._finish_kernel[(rows,)](
             x, x.stride(0), vocab, stats,
             *common, ws["rowkey"],
-            pen_tab, words, rs,
+            pen_tab, words, rs, aux, aux_w,
             rep if rep is not None else dummy, rep_stride, R, *hist[:5],
             P["repetition_penalty"], P["frequency_penalty"], P["presence_penalty"],
             ws["cm"], ws["cs"], ws["crm"], ws["crs"], ws["cflag"], ws["ckey"], ws["cid"],

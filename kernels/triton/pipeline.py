@@ -33,10 +33,11 @@ chained by programmatic dependent launch: :func:`_gdc_wait`, :func:`_gdc_done`):
 
 Batches whose rows all truncate, with "sampling" log-probabilities, no top-n and penalties that
 only lower values (``launch.Config.cand``) take the penalties off the scan: the prep builds the
-bitmask alone (and, from the request cache, each word's first column), the pivot and the scan
-read the raw logits, and the finish penalises the candidates (:func:`_cand_penalties`). The raw
-candidates hold every token whose penalised value passes the threshold, so the result is the
-same, bit for bit (bench/NOTES.md, v27).
+bitmask alone (from the request cache: none; it keeps a bitmask of the table's ids, with counts
+per 256 ids, across calls, :func:`_table_aux_build`), the pivot and the scan read the raw
+logits, and the finish penalises the candidates (:func:`_cand_penalties`). The raw candidates
+hold every token whose penalised value passes the threshold, so the result is the same, bit for
+bit (bench/NOTES.md, v27, v30).
 """
 
 from __future__ import annotations
@@ -457,6 +458,21 @@ def _rank(word, pre, t, FAST: tl.constexpr):
 
 
 @triton.jit
+def _aux_column(aux_row, W, t, word, FAST: tl.constexpr):
+    """Column of id t (>= 0) in its cache-table row (the row's ids below t), from the bitmask
+    kept with the table (:func:`_table_aux_build`; ``word``: t's word of it): the count kept for
+    t's group of 8 words (256 ids), plus the set bits of the group's words before t's (one
+    32-byte sector, the word's own) and of t's word below bit t. Loads take no mask (a word
+    after t's reads t's word, and counts nothing)."""
+    w = t >> 5
+    g8 = (t >> 8) << 3
+    c = tl.load(aux_row + W + (t >> 8))
+    for j in tl.static_range(7):
+        c += tl.where(g8 + j < w, _popc(tl.load(aux_row + tl.minimum(g8 + j, w)).to(tl.uint32), FAST), 0)
+    return _rank(word, c, t, FAST)
+
+
+@triton.jit
 def _pen_words(pen_row, offs, mask, W, CM: tl.constexpr):
     """The bitmask word and its prefix for each token (see :func:`_prep_kernel`). CM, the loads'
     cache modifier: "" (default caching), or ".cg" (L2 only) in the prep, which builds the table
@@ -692,27 +708,44 @@ def _position_key(
 
 
 @triton.jit
-def _table_add(ids_row, st_row, pos_ptr, tok, R, V, BL: tl.constexpr):
+def _table_add(ids_row, st_row, pos_ptr, tok, R, V, aux_row, W, KEPT: tl.constexpr, FAST: tl.constexpr,
+               BL: tl.constexpr):
     """Adds output token ``tok`` (-1: none) to a row of the request cache's table, in place, by
     the rule of ``RequestCache._append``: a known id's state gains a count (+2) and the seen bit;
     a new id is inserted at its rank (state 3), the larger ids moving one column right (the
-    last column drops out of a full row; the cache leaves room); the stream position advances."""
+    last column drops out of a full row; the cache leaves room); the stream position advances.
+
+    KEPT: the row's bitmask kept with the table (:func:`_table_aux_build`) gives the rank, and
+    is kept up to date (the id's bit, the groups' counts; a dropped last id's too); otherwise a
+    pass over the row counts the ids below ``tok``."""
     if (tok >= 0) & (tok < V):
         lanes = tl.arange(0, BL)
-        rank = tl.zeros([], tl.int32)
-        found = tl.zeros([], tl.int32)
-        for i0 in range(0, R, BL):
-            i = i0 + lanes
-            t = tl.load(ids_row + i, mask=i < R, other=-1)
-            rank += tl.sum(((t >= 0) & (t < tok)).to(tl.int32))
-            found += tl.sum((t == tok).to(tl.int32))
+        if KEPT:
+            G = tl.cdiv(W, 8)
+            n = tl.load(aux_row + W + G)  # the row's ids
+            last = tl.load(ids_row + R - 1)
+            word = tl.load(aux_row + (tok >> 5))
+            rank = _aux_column(aux_row, W, tok, word, FAST)
+            found = _bit(word, tok).to(tl.int32)
+        else:
+            rank = tl.zeros([], tl.int32)
+            found = tl.zeros([], tl.int32)
+            n = tl.zeros([], tl.int32)
+            for i0 in range(0, R, BL):
+                i = i0 + lanes
+                t = tl.load(ids_row + i, mask=i < R, other=-1)
+                rank += tl.sum(((t >= 0) & (t < tok)).to(tl.int32))
+                found += tl.sum((t == tok).to(tl.int32))
+                n += tl.sum((t >= 0).to(tl.int32))
         if found == 0:
             # Blocks from the last down: a block's columns i > rank take column i - 1, all
             # read (barrier) before any is written; the block below writes only its own.
-            nb = tl.cdiv(R, BL)
+            # Columns past the row's ids + 1 hold padding and stay as they are.
+            top = tl.minimum(n + 1, R)
+            nb = tl.cdiv(top, BL)
             for j in range(nb):
                 i = (nb - 1 - j) * BL + lanes
-                m = (i > rank) & (i < R)
+                m = (i > rank) & (i < top)
                 t = tl.load(ids_row + i - 1, mask=m, other=-1)
                 st = tl.load(st_row + i - 1, mask=m, other=0)
                 tl.debug_barrier()
@@ -721,6 +754,22 @@ def _table_add(ids_row, st_row, pos_ptr, tok, R, V, BL: tl.constexpr):
             tl.debug_barrier()
             tl.store(ids_row + rank, tok, mask=rank < R)  # (a full row drops a larger new id)
             tl.store(st_row + rank, 3, mask=rank < R)
+            if KEPT:
+                if rank < R:
+                    # the id's bit; a full row's last id dropped out: its bit goes. The groups
+                    # after the id's count one more, those after the dropped id's one less.
+                    drop = (n >= R) & (last >= 0) & (last < V)
+                    one = tl.full([], 1, tl.int32)
+                    tl.atomic_or(aux_row + (tok >> 5), one << (tok & 31).to(tl.int32), sem="relaxed")
+                    dl = tl.where(drop, last, 0)
+                    tl.atomic_and(aux_row + (dl >> 5), ~(one << (dl & 31).to(tl.int32)), mask=drop, sem="relaxed")
+                    gt = (tok >> 8).to(tl.int32)
+                    gd = tl.where(drop, dl >> 8, G).to(tl.int32)
+                    for g0 in range(gt + 1, G + 1, BL):
+                        g = g0 + lanes
+                        c = tl.load(aux_row + W + g, mask=g <= G, other=0)
+                        tl.debug_barrier()
+                        tl.store(aux_row + W + g, c + 1 - (g > gd).to(tl.int32), mask=g <= G)
         else:
             st = tl.load(st_row + rank)
             tl.debug_barrier()  # (every thread reads before any writes)
@@ -728,6 +777,40 @@ def _table_add(ids_row, st_row, pos_ptr, tok, R, V, BL: tl.constexpr):
         pos = tl.load(pos_ptr)
         tl.debug_barrier()
         tl.store(pos_ptr, pos + 1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _table_aux_build(aux_row, W, ids_row, R, V, FAST: tl.constexpr, BL: tl.constexpr, BW: tl.constexpr):
+    """The bitmask of a cache table row's ids, kept with the table across calls (``Step.
+    table_aux``) and read by the finish's candidate lookups (:func:`_cand_block`): [bits: W
+    words | counts: G + 1], G = cdiv(W, 8); count g is the number of the row's ids below 256 * g
+    (count G: all of them), so an id's column is found from its count and one sector of words
+    (:func:`_aux_column`). Built here for a table the backend has not seen (or that the cache
+    changed itself); afterwards :func:`_table_add` keeps it, O(V / 256) per added id instead
+    of O(V / 32 + R) for a new bitmask each call."""
+    lanes = tl.arange(0, BL)
+    wl = tl.arange(0, BW)
+    for w0 in range(0, W, BW):
+        tl.store(aux_row + w0 + wl, tl.zeros([BW], tl.int32), mask=w0 + wl < W)
+    tl.debug_barrier()
+    for i0 in range(0, R, BL):
+        i, ok, ts = _ids(ids_row, i0, lanes, R, V)
+        _set_bits(aux_row, ts, ok)
+    tl.debug_barrier()
+    G = tl.cdiv(W, 8)
+    GB: tl.constexpr = BW // 8
+    gl = tl.arange(0, GB)
+    jl = tl.arange(0, 8)
+    carry = tl.zeros([], tl.int32)
+    for g0 in range(0, G, GB):
+        g = g0 + gl
+        w = g[:, None] * 8 + jl[None, :]
+        words = tl.load(aux_row + w, mask=w < W, other=0, cache_modifier=".cg")
+        pc = tl.sum(_popc(words.to(tl.uint32), FAST), axis=1)
+        tl.store(aux_row + W + g, carry + tl.cumsum(pc, 0) - pc, mask=g < G)
+        carry += tl.sum(pc)
+    tl.store(aux_row + W + G, carry)
     tl.debug_barrier()
 
 
@@ -836,7 +919,7 @@ def _pen_table(pen_row, W, RS, x_row, rep_row, R, out_row, O, cnt_row, r, f, pp,
 _HIST = ["rep_ptr", "rep_stride", "R", "out_ptr", "out_stride", "O", "cnt_ptr", "cnt_stride", "pos_ptr", "RS"]
 
 
-@triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr"] + _HIST)
+@triton.jit(do_not_specialize=["samp_lo", "samp_hi", "ncand_ptr", "AS"] + _HIST)
 def _prep_kernel(
     x_ptr, x_stride, V, W,
     rep_ptr, rep_stride, R,
@@ -846,17 +929,21 @@ def _prep_kernel(
     rp_ptr, fp_ptr, pp_ptr,
     hs_ptr, slo_ptr, shi_ptr,
     samp_lo, samp_hi, call_ptr,
-    pen_ptr, RS,
+    pen_ptr, RS, aux_ptr, AS,
     rowkey_ptr, ncand_ptr, new_ptr,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, theta_ptr, ythr_ptr, CAP,
     HAS_REP: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr,
     PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, HAS_NEW: tl.constexpr, PIVOT: tl.constexpr,
-    CAND: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr, NS: tl.constexpr, J0: tl.constexpr,
-    BL: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr,
+    CAND: tl.constexpr, AUX: tl.constexpr, KEPT: tl.constexpr, HAS_TEMP: tl.constexpr, FAST: tl.constexpr,
+    NS: tl.constexpr, J0: tl.constexpr, BL: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr,
 ):
     """CAND (the finish applies the penalties to the candidates, :func:`_cand_penalties`): the
     penalty table is the bitmask alone, and the pivot guesses from the raw logits (penalties
-    that only lower values: a guess, verified by the finish against the penalised values)."""
+    that only lower values: a guess, verified by the finish against the penalised values).
+
+    AUX (CAND with the cache's table): no penalty table at all; the finish reads the bitmask
+    kept with the table (``aux_ptr``, :func:`_table_aux_build`), which the prep builds (KEPT
+    false: a table it has not seen) or keeps while it adds the pending token (KEPT)."""
     _gdc_wait(PDL)
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
@@ -869,14 +956,17 @@ def _prep_kernel(
     EARLY: tl.constexpr = TABLE or CAND or not (PEN_REP or PEN_OUT)
     if PIVOT and EARLY:
         sbase, spos, smask, sx = _sample(x_ptr + b64 * x_stride, V, NS)
+    aux_row = aux_ptr + b64 * AS
     if HAS_NEW:
         _table_add(rep_ptr + b64 * rep_stride, cnt_ptr + b64 * cnt_stride, pos_ptr + b, tl.load(new_ptr + b), R, V,
-                   BL)
+                   aux_row, W, AUX and KEPT, FAST, BL)
+    if AUX and not KEPT:
+        _table_aux_build(aux_row, W, rep_ptr + b64 * rep_stride, R, V, FAST, BL, BW)
     key = _position_key(b, V, out_ptr, out_stride, O, cnt_ptr, cnt_stride, pos_ptr, hs_ptr, slo_ptr, shi_ptr,
                         samp_lo, samp_hi, call_ptr, HAS_OUT, HAS_COUNTS, HAS_POS, BL)
     tl.store(rowkey_ptr + b, key.to(tl.int64))
 
-    if PEN_REP or PEN_OUT:
+    if (PEN_REP or PEN_OUT) and not AUX:
         _pen_table(pen_ptr + b64 * RS, W, RS, x_ptr + b64 * x_stride, rep_ptr + b64 * rep_stride, R,
                    out_ptr + b64 * out_stride, O, cnt_ptr + b64 * cnt_stride,
                    tl.load(rp_ptr + b), tl.load(fp_ptr + b), tl.load(pp_ptr + b), V,
@@ -1666,7 +1756,7 @@ def _pen_table_full(pen_row, W, RS, x_row, rep_row, R, out_row, O, cnt_row, r, f
 
 
 @triton.jit
-def _cand_block(row, i, used, ids, v, th, x_row, pen_row, W, RS, T, Y, r, f, pp, V, L,
+def _cand_block(row, i, used, ids, v, th, x_row, pen_row, aux_row, W, RS, T, Y, r, f, pp, V, L,
                 rep_row, R, out_row, O, cnt_row, cval_ptr, cw_ptr, built, store,
                 PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, HAS_COUNTS: tl.constexpr,
                 HAS_TEMP: tl.constexpr, FAST: tl.constexpr, FRL: tl.constexpr, BL: tl.constexpr,
@@ -1679,17 +1769,19 @@ def _cand_block(row, i, used, ids, v, th, x_row, pen_row, W, RS, T, Y, r, f, pp,
     # Unmasked (unused slots read word 0): masked, each of a thread's words needed its own
     # predicate and zeroed register, and ptxas issued them one DRAM round trip after another
     # (bench/NOTES.md, v28; the same as _ids).
-    word = tl.load(pen_row + (tl.where(used, ids, 0) >> 5))
+    if TABLE:
+        word = tl.load(aux_row + (tl.where(used, ids, 0) >> 5))
+    else:
+        word = tl.load(pen_row + (tl.where(used, ids, 0) >> 5))
     hit = used & _bit(word, ids)
     if TABLE:
-        # The cache's table: a penalised token's column is its rank (the prefix, written by the
-        # prep for words with set bits, loaded for the hits only: loaded beside every word, its
-        # random DRAM sectors cost more than the round trip), its state the table's own. No
-        # count of the hits first: loads masked off on every lane cost nothing. (Unmasked, the
-        # lanes without a hit reading the row's first prefix, state and logit: the same time,
-        # v28.)
-        pre = tl.load(pen_row + W + (ids >> 5), mask=hit, other=0)
-        st = tl.load(cnt_row + _rank(word, pre, ids, FAST), mask=hit, other=0)
+        # The cache's table: a penalised token's column is its rank (from the bitmask kept with
+        # the table: its group's count and one sector of words, the lanes without a hit reading
+        # the row's first ones), its state the table's own. No count of the hits first: loads
+        # masked off on every lane cost nothing. (Unmasked, the lanes without a hit reading the
+        # row's first state and logit: the same time, v28.)
+        col = _aux_column(aux_row, W, tl.where(hit, ids, 0), word, FAST)
+        st = tl.load(cnt_row + col, mask=hit, other=0)
         # (1.0 off the hits: a zero would send those lanes to the divisions' slow paths)
         y = tl.load(x_row + ids, mask=hit, other=1.0).to(tl.float32)
         z = _penalise(y, st, r, f, pp, PEN_REP, PEN_OUT)
@@ -1738,7 +1830,7 @@ def _cand_block(row, i, used, ids, v, th, x_row, pen_row, W, RS, T, Y, r, f, pp,
 
 
 @triton.jit
-def _cand_penalties(row, cnt, th, vl, xl, x_row, pen_row, W, RS, T, Y, r, f, pp, V,
+def _cand_penalties(row, cnt, th, vl, xl, x_row, pen_row, aux_row, W, RS, T, Y, r, f, pp, V,
                     rep_row, R, out_row, O, cnt_row, cval_ptr, cidx_ptr, cw_ptr,
                     PEN_REP: tl.constexpr, PEN_OUT: tl.constexpr, TABLE: tl.constexpr, HAS_COUNTS: tl.constexpr,
                     HAS_TEMP: tl.constexpr, FAST: tl.constexpr, FRL: tl.constexpr, BL: tl.constexpr,
@@ -1752,8 +1844,8 @@ def _cand_penalties(row, cnt, th, vl, xl, x_row, pen_row, W, RS, T, Y, r, f, pp,
     every token whose penalised z is >= theta. Each used slot whose token is set in the row's
     bitmask gets its penalised value from its raw logit and its state, or -inf where that
     falls below theta; the others are kept as they are. The states: the cache's table holds
-    them at the token's column (the bitmask word's prefix and its bits below the token: one
-    more load); for raw ids they come from :func:`_hit_states` (a handful of penalised
+    them at the token's column (from the bitmask kept with the table, ``aux_row``:
+    :func:`_aux_column`); for raw ids they come from :func:`_hit_states` (a handful of penalised
     candidates per row), or from the whole table, built here when comparing would cost more
     than HLIM compares (penalties on the very tokens the model favours). Slots past the first
     FRL (rare) are read, penalised and stored back block by block.
@@ -1764,7 +1856,7 @@ def _cand_penalties(row, cnt, th, vl, xl, x_row, pen_row, W, RS, T, Y, r, f, pp,
     il = tl.arange(0, FRL)
     built = tl.zeros([], tl.int32)
     more = (cnt > FRL).to(tl.int32)
-    vl, built = _cand_block(row, il, il < cnt, xl, vl, th, x_row, pen_row, W, RS, T, Y, r, f, pp, V, L,
+    vl, built = _cand_block(row, il, il < cnt, xl, vl, th, x_row, pen_row, aux_row, W, RS, T, Y, r, f, pp, V, L,
                             rep_row, R, out_row, O, cnt_row, cval_ptr, cw_ptr, built, more,
                             PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, HAS_TEMP, FAST, FRL, BL, BW, HLIM)
     ok = (il < cnt) & (vl >= th)
@@ -1775,7 +1867,7 @@ def _cand_penalties(row, cnt, th, vl, xl, x_row, pen_row, W, RS, T, Y, r, f, pp,
         used = i < cnt
         ids = tl.load(cidx_ptr + row + i, mask=used, other=0)
         v = tl.load(cval_ptr + row + i, mask=used, other=float("-inf"))
-        v, built = _cand_block(row, i, used, ids, v, th, x_row, pen_row, W, RS, T, Y, r, f, pp, V, L,
+        v, built = _cand_block(row, i, used, ids, v, th, x_row, pen_row, aux_row, W, RS, T, Y, r, f, pp, V, L,
                                rep_row, R, out_row, O, cnt_row, cval_ptr, cw_ptr, built, more,
                                PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, HAS_TEMP, FAST, FRL, BL, BW, HLIM)
         ok = used & (v >= th)
@@ -1807,7 +1899,7 @@ def _row_stats(x_row, pen_row, W, T, Y, V, HAS_PEN: tl.constexpr, HAS_TEMP: tl.c
 def _finish_row(
     b, x_ptr, x_stride, V, C,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
-    pen_ptr, W, RS,
+    pen_ptr, W, RS, aux_ptr, AS,
     rep_ptr, rep_stride, R, out_ptr, out_stride, O, cnt_ptr, cnt_stride, rp_ptr, fp_ptr, pp_ptr,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
@@ -1876,8 +1968,9 @@ def _finish_row(
         ncov = tl.zeros([], tl.int32)
         if clean != 0:
             vl, ncov, mc, built = _cand_penalties(
-                b64 * CAP, cnt, th, vl, xl, x_row, pen_row, W, RS, T, Y, r, f, pp, V, rep_row, R, out_row, O, cnt_row,
-                cval_ptr, cidx_ptr, cw_ptr, PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, HAS_TEMP, FAST, FRL, BL, BW, HLIM)
+                b64 * CAP, cnt, th, vl, xl, x_row, pen_row, aux_ptr + b64 * AS, W, RS, T, Y, r, f, pp, V, rep_row, R,
+                out_row, O, cnt_row, cval_ptr, cidx_ptr, cw_ptr, PEN_REP, PEN_OUT, TABLE, HAS_COUNTS, HAS_TEMP, FAST,
+                FRL, BL, BW, HLIM)
             clean = (ncov >= 1).to(tl.int32)
             m = mc
         if clean == 0:
@@ -1937,11 +2030,11 @@ def _finish_row(
     tl.store(lse_ptr + b, lse)
 
 
-@triton.jit(do_not_specialize=["C", "ncand_ptr", "RS"] + _HIST)
+@triton.jit(do_not_specialize=["C", "ncand_ptr", "RS", "AS"] + _HIST)
 def _finish_kernel(
     x_ptr, x_stride, V, C,
     temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
-    pen_ptr, W, RS,
+    pen_ptr, W, RS, aux_ptr, AS,
     rep_ptr, rep_stride, R, out_ptr, out_stride, O, cnt_ptr, cnt_stride, rp_ptr, fp_ptr, pp_ptr,
     cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
     theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP,
@@ -1956,8 +2049,8 @@ def _finish_kernel(
     _gdc_wait(PDL)
     b = tl.program_id(0)
     _finish_row(b, x_ptr, x_stride, V, C, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
-                pen_ptr, W, RS, rep_ptr, rep_stride, R, out_ptr, out_stride, O, cnt_ptr, cnt_stride, rp_ptr, fp_ptr,
-                pp_ptr, cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
+                pen_ptr, W, RS, aux_ptr, AS, rep_ptr, rep_stride, R, out_ptr, out_stride, O, cnt_ptr, cnt_stride,
+                rp_ptr, fp_ptr, pp_ptr, cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
                 theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP, tok_ptr, lp_ptr, status_ptr, tau_ptr, lse_ptr,
                 MODE, HAS_PEN, CAND, TABLE, PEN_REP, PEN_OUT, HAS_COUNTS, HAS_TEMP, FAST, ANY_PLAIN, ANY_TRUNC, NEED_S,
                 NEED_RAW, CP, FT, FRL, FR, NKP, TILE, GAP, BL, BW, HLIM)
@@ -2079,7 +2172,7 @@ def _small_kernel(
             if b == 0:  # (read early: its latency overlaps the finish's)
                 got = tl.atomic_add(ticket, 0, sem="acquire")
             _finish_row(b, x_ptr, x_stride, V, C, temp_ptr, greedy_ptr, topk_ptr, topp_ptr, minp_ptr, rowkey_ptr,
-                        x_ptr, 0, 0, x_ptr, 0, 0, x_ptr, 0, 0, x_ptr, 0, temp_ptr, temp_ptr, temp_ptr,
+                        x_ptr, 0, 0, x_ptr, 0, x_ptr, 0, 0, x_ptr, 0, 0, x_ptr, 0, temp_ptr, temp_ptr, temp_ptr,
                         cm_ptr, cs_ptr, crm_ptr, crs_ptr, cflag_ptr, ckey_ptr, cid_ptr,
                         theta_ptr, ncand_ptr, cval_ptr, cidx_ptr, cw_ptr, CAP, tok_ptr, lp_ptr, status_ptr, tau_ptr,
                         lse_ptr, MODE, False, False, False, False, False, False, HAS_TEMP, FAST, False, True, NEED_S,
