@@ -14,6 +14,7 @@ import os
 # The kernels are interpreted only if this is set before their module is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses
 import importlib
 import subprocess
 import sys
@@ -796,12 +797,16 @@ def test_table_bitmask_kept_across_calls_follows_every_insertion(monkeypatch):
     param = SamplingParam.from_numpy(
         repetition_penalty=np.array([1.3, 1.6, 1.1]), frequency_penalty=np.array([0.5, 1.0, 2.0]),
         presence_penalty=np.array([0.3, 0.0, 0.7]), temperature=np.array([0.8, 1.0, 1.2]),
-        top_k=np.array([40, 60, 25]), top_p=np.array([0.95, 1.0, 0.9]), seed=np.array([4, 5, 6]),
+        top_k=np.array([10, 20, 4]), top_p=np.array([0.95, 1.0, 0.9]), seed=np.array([4, 5, 6]),
     )
+    # (a larger sample and list than the interpreter's default: every row on the candidate path,
+    # whose finish looks its penalised candidates up in the kept bitmask)
+    monkeypatch.setattr(launch, "_override", dataclasses.replace(launch.config(), cap=256, sample=256))
     tensors = {k: torch.from_numpy(v) for k, v in param.arrays.items()}
     t_ids, t_flags, t_pos = torch.from_numpy(ids.copy()), torch.from_numpy(flags.copy()), torch.from_numpy(pos.copy())
     aux = {}
     kept = None
+    finished = 0
     for call, toks in enumerate(steps):
         x = logits(rows, vocab, seed=91 + call)
         # the rows' favourite tokens carry penalties: their lookups decide the rows' tokens
@@ -823,6 +828,7 @@ def test_table_bitmask_kept_across_calls_follows_every_insertion(monkeypatch):
             assert "triton_aux" not in aux
             kept = None
             continue
+        finished += int((debug["status"] == 0).sum())  # (rows the candidate path finished)
         if kept is not None:
             assert aux["triton_aux"] is kept  # (kept, not built again)
         kept = aux["triton_aux"]
@@ -834,15 +840,16 @@ def test_table_bitmask_kept_across_calls_follows_every_insertion(monkeypatch):
             counts[b] = [(row < 256 * g).sum() for g in range(G)] + [len(row)]
         np.testing.assert_array_equal(kept[:, :words].numpy().astype(np.int64) & 0xFFFFFFFF, bits)
         np.testing.assert_array_equal(kept[:, words:].numpy(), counts)
-        # the same state with the bitmask built afresh (no pending token)
+        # the same state with the bitmask built afresh (no pending token; nowhere to keep it)
         fresh = launch.run(Step(table_ids=t_ids.clone(), table_flags=t_flags.clone(), positions=t_pos.clone(),
-                                table_aux={}, **run))
+                                table_aux=None, **run))
         for g, w in zip(got[:2], fresh[:2]):
             assert torch.equal(g, w), call
         seen = np.where(flags & 1, ids, -1)
         ref = reference.sample(x, param.arrays, rep_ids=seen, out_ids=ids, out_counts=flags >> 1, pos=pos,
                                sampler_seed=1, call=call)
         assert_same(got, ref)
+    assert finished >= 14  # of 18 (the others: too few candidates left above theta, the fallback)
 
 
 @pytest.mark.parametrize("sample", [64, 256])

@@ -437,17 +437,18 @@ def run(step):
         # With the cache's table and the penalties on the candidates, the bitmask of each row's
         # ids (and its groups' counts) is kept with the table (Step.table_aux) across calls: the
         # prep builds it for a table it has not seen, then keeps it as it adds the pending tokens
-        # (pipeline._table_aux_build). A call that adds them without keeping it drops it.
+        # (pipeline._table_aux_build). A call that adds them without keeping it drops it. (A
+        # table given without a place to keep it gets one for this call.)
         aux, aux_w, kept = pen_tab, 0, False
-        if table and step.table_aux is not None:
-            if cand:
-                aux_w = words + triton.cdiv(words, 8) + 1
-                aux = step.table_aux.get("triton_aux")
-                kept = aux is not None and tuple(aux.shape) == (rows, aux_w) and aux.device == dev
-                if not kept:
-                    aux = step.table_aux["triton_aux"] = torch.empty((rows, aux_w), dtype=torch.int32, device=dev)
-            elif new is not None:
-                step.table_aux.pop("triton_aux", None)
+        if table and cand:
+            keep = step.table_aux if step.table_aux is not None else {}
+            aux_w = words + triton.cdiv(words, 8) + 1
+            aux = keep.get("triton_aux")
+            kept = aux is not None and tuple(aux.shape) == (rows, aux_w) and aux.device == dev
+            if not kept:
+                aux = keep["triton_aux"] = torch.empty((rows, aux_w), dtype=torch.int32, device=dev)
+        elif table and new is not None and step.table_aux is not None:
+            step.table_aux.pop("triton_aux", None)
         if prep:
             K._prep_kernel[(rows,)](
                 x, x.stride(0), vocab, words,

@@ -829,9 +829,10 @@ def _pen_table(pen_row, W, RS, x_row, rep_row, R, out_row, O, cnt_row, r, f, pp,
     penalised-token items). Everything the scan reads is O(V / 32 + L) per row, written
     coalesced or into a few KB, not scattered over a [B, V] table (bench/NOTES.md, v7).
 
-    BITS: the bitmask only, and for the cache's table the prefix (a penalised token's column),
-    no values: the finish applies the penalties to the candidates, and builds the rest of the
-    table itself for the rare rows that need every token's value."""
+    BITS (raw ids): the bitmask only, no values: the finish applies the penalties to the
+    candidates, and builds the rest of the table itself for the rare rows that need every
+    token's value. (From the cache's table the prep builds no table then: the finish reads the
+    bitmask kept with the table, :func:`_table_aux_build`.)"""
     lanes = tl.arange(0, BL)
     wl = tl.arange(0, BW)
     zrow = (pen_row + 2 * W).to(tl.pointer_type(tl.float32))
@@ -851,10 +852,9 @@ def _pen_table(pen_row, W, RS, x_row, rep_row, R, out_row, O, cnt_row, r, f, pp,
             before = tl.load(rep_row + i - 1, mask=ok & (i > 0), other=-1)
             first = ok & ((i == 0) | ((before >> 5) != (ts >> 5).to(tl.int64)))
             tl.store(pen_row + W + (ts >> 5), i, mask=first)
-            if not BITS:
-                st = tl.load(cnt_row + i, mask=ok, other=0)
-                z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
-                tl.store(zrow + i, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
+            st = tl.load(cnt_row + i, mask=ok, other=0)
+            z = tl.load(x_row + ts, mask=ok, other=0.0).to(tl.float32)
+            tl.store(zrow + i, _penalise(z, st, r, f, pp, PEN_REP, PEN_OUT), mask=ok)
     else:
         S, slot_row, id_row = _raw_slots(pen_row, W, RS)
         if not BITS:
